@@ -1,0 +1,1 @@
+"""inflightd: a single-node LLM inference daemon with a pure-Python control plane."""

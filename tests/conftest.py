@@ -1,0 +1,23 @@
+"""Shared fixtures. The default model must have been pulled (`inflightd pull`, as .ci/run does):
+a missing model is a failure with the command to run, never a silent skip."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _store() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "inflightd" / "models"
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    path = Path(os.environ.get("INFLIGHTD_TEST_MODEL", _store() / DEFAULT_GGUF_NAME))
+    if not path.is_file():
+        pytest.fail(f"default model not found at {path}: run `inflightd pull` first")
+    return path
