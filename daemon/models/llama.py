@@ -1,0 +1,222 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2) as plain functions of tensors.
+
+The forward takes a *flat* batch: the new tokens of every scheduled sequence concatenated, each
+with its explicit position. Attention is the only place where sequence boundaries matter, so it is
+handed in as a callable bound to the step's metadata (`Attend`): the reference contiguous cache
+below today, the paged cache and Numba kernels later. No global attention context.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class Attend(Protocol):
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (post-RoPE) →
+        out: [T, num_heads, head_dim]. Stores k/v for later steps as a side effect."""
+        ...
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]: q, k, v stacked so one matmul serves all three
+    qkv_bias: torch.Tensor | None  # [q_size + 2 * kv_size] (Qwen2)
+    o: torch.Tensor  # [hidden, q_size]
+    ffn_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate rows first, then up
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when tied
+    rope_freq_factors: torch.Tensor | None = None  # [rope_dim / 2] divisors (GGUF rope_freqs, llama3)
+
+    def num_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in self.tensors():
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.embed, self.norm, self.lm_head]
+        if self.rope_freq_factors is not None:
+            out.append(self.rope_freq_factors)
+        for lw in self.layers:
+            out += [lw.attn_norm, lw.qkv, lw.o, lw.ffn_norm, lw.gate_up, lw.down]
+            if lw.qkv_bias is not None:
+                out.append(lw.qkv_bias)
+        return out
+
+
+def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> torch.Tensor:
+    """[rope_dim / 2] float32 inverse frequencies, with the checkpoint's scaling applied."""
+    d = config.rope_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if freq_factors is not None:
+        # llama.cpp stores llama3 scaling as per-frequency divisors of the base frequency.
+        return inv / freq_factors.float()
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    if s.kind == "linear":
+        return inv / s.factor
+    # llama3: long wavelengths slowed by `factor`, short ones untouched, a smooth ramp between
+    # (the same formula as transformers' _compute_llama3_parameters).
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [T, hidden]. Statistics in float32 whatever the model dtype, as the reference does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, head_dim]; cos, sin: [T, 1, rope_dim] (rotate-half layout, Hugging Face order).
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    x1, x2 = rot[..., : d // 2], rot[..., d // 2 :]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    out = rot * cos + rotated * sin
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+class LlamaModel:
+    """Weights plus the forward pass. Stateless between calls: all cache state lives behind
+    the `Attend` callable."""
+
+    def __init__(self, config: ModelConfig, weights: LlamaWeights) -> None:
+        self.config = config
+        self.weights = weights
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        self.inv_freq = rope_inv_freq(config, weights.rope_freq_factors).to(self.device)
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T] int64 → cos, sin: [T, 1, rope_dim] in the model dtype.
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        # input_ids, positions: [T] int64 → hidden states [T, hidden] after the final norm.
+        cfg, w = self.config, self.weights
+        T = input_ids.shape[0]
+        cos, sin = self.rope_tables(positions)
+        h = F.embedding(input_ids, w.embed)
+        for i, lw in enumerate(w.layers):
+            x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
+            qkv = F.linear(x, lw.qkv, lw.qkv_bias)
+            q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+            q = apply_rope(q.view(T, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(k.view(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
+            a = attend(i, q, k, v)
+            h = h + F.linear(a.reshape(T, cfg.q_size), lw.o)
+            x = rms_norm(h, lw.ffn_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(x, lw.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, lw.down)
+        return rms_norm(h, w.norm, cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, hidden] → [N, vocab] float32. Callers pass only the rows they sample from:
+        # the vocab projection is the largest matmul of a step.
+        return F.linear(hidden, self.weights.lm_head).float()
+
+
+@dataclass(frozen=True)
+class ContiguousStep:
+    """Which sequences a flat batch holds: tokens query_start[i]:query_start[i+1] belong to
+    seq_ids[i], whose context is context_lens[i] tokens long once this step's tokens are stored."""
+
+    seq_ids: tuple[int, ...]
+    query_start: tuple[int, ...]  # [num_seqs + 1]
+    context_lens: tuple[int, ...]  # [num_seqs]
+
+
+class ContiguousKVCache:
+    """Reference attention over per-sequence contiguous K/V buffers (torch SDPA). Kept as the
+    oracle that the paged cache and its kernels are checked against."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+        self._len: dict[int, int] = {}
+
+    def add_sequence(self, seq_id: int, capacity: int) -> None:
+        c = self.config
+        shape = (c.num_layers, capacity, c.num_kv_heads, c.head_dim)
+        self._k[seq_id] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._v[seq_id] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._len[seq_id] = 0
+
+    def free(self, seq_id: int) -> None:
+        for d in (self._k, self._v, self._len):
+            d.pop(seq_id, None)
+
+    def __len__(self) -> int:
+        return len(self._len)
+
+    def plan(self, seq_ids: list[int], query_lens: list[int]) -> ContiguousStep:
+        """Reserve room for `query_lens[i]` new tokens of each sequence and describe the step."""
+        starts = [0]
+        ctx = []
+        for sid, n in zip(seq_ids, query_lens):
+            new_len = self._len[sid] + n
+            if new_len > self._k[sid].shape[1]:
+                raise ValueError(f"sequence {sid} outgrew its {self._k[sid].shape[1]}-token buffer")
+            self._len[sid] = new_len
+            ctx.append(new_len)
+            starts.append(starts[-1] + n)
+        return ContiguousStep(tuple(seq_ids), tuple(starts), tuple(ctx))
+
+    def attend(self, step: ContiguousStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D] → [T, H, D]
+        out = torch.empty_like(q)
+        scale = self.config.attn_scale
+        for i, sid in enumerate(step.seq_ids):
+            s, e = step.query_start[i], step.query_start[i + 1]
+            ctx = step.context_lens[i]
+            n = e - s
+            past = ctx - n
+            kb, vb = self._k[sid][layer], self._v[sid][layer]
+            kb[past:ctx] = k[s:e]
+            vb[past:ctx] = v[s:e]
+            qi = q[s:e].transpose(0, 1)  # [H, n, D]
+            ki = kb[:ctx].transpose(0, 1)  # [KVH, ctx, D]
+            vi = vb[:ctx].transpose(0, 1)
+            mask = None
+            if n > 1:
+                # query j sits at position past + j and sees keys 0..past + j
+                mask = torch.arange(ctx, device=q.device)[None, :] <= (past + torch.arange(n, device=q.device))[:, None]
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[s:e] = o.transpose(0, 1)
+        return out
