@@ -47,12 +47,18 @@ def hf_logits(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 def hf_greedy(hf: torch.nn.Module, ids: list[int], n: int) -> list[int]:
+    """n argmax steps with transformers' own KV cache and no end-of-sequence handling (the
+    counterpart of ignore_eos; generate()'s min_new_tokens would mask EOS out instead)."""
+    out: list[int] = []
+    past = None
+    x = torch.tensor([ids])
     with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-        )
-    return out[0, len(ids):].tolist()
+        for _ in range(n):
+            r = hf(x, past_key_values=past, use_cache=True)
+            past = r.past_key_values
+            out.append(int(r.logits[0, -1].argmax()))
+            x = torch.tensor([[out[-1]]])
+    return out
 
 
 # ------------------------------------------------------------------------------ default model
