@@ -6,6 +6,7 @@ Errors meant for the user (the store's ModelError family) become a message on st
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -28,9 +29,15 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     if args.system_prompt is not None:
         messages.append({"role": "system", "content": args.system_prompt})
     messages.append({"role": "user", "content": args.text})
-    llm = LLM(model=args.model, dtype=args.dtype)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-    out = llm.chat(messages, params)
+    try:
+        llm = LLM(model=args.model, dtype=args.dtype)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+        out = llm.chat(messages, params)
+    except ValueError as e:
+        # The loader, tokenizer, chat template and sampling errors are ValueErrors whose
+        # message names the problem: show it, not a traceback.
+        print(f"inflightd ask: {e}", file=sys.stderr)
+        return 1
     print(out.text)
     return 0
 
@@ -92,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Progress and load times go to stderr; answers and paths to stdout.
+    logging.basicConfig(level=logging.INFO, format="inflightd: %(message)s", stream=sys.stderr)
     try:
         return int(args.func(args))
     except ModelError as e:

@@ -20,17 +20,13 @@ import pytest
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inflightd.bpe import BYTE_TO_CHAR, spell
+from inflightd.pretokenizer import DEFAULT, GGUF_PRE, GPT2, PreTokenizer
 from inflightd.tokenizer import (
-    _BYTE_TO_CHAR,
-    _DEFAULT,
-    _GGUF_PRE,
-    _GPT2,
     SUPPORTED_GGUF_PRE,
     IncrementalDetokenizer,
     Tokenizer,
     TokenizerError,
-    _PreTokenizer,
-    _spell,
 )
 from tokenizers import (
     AddedToken,
@@ -268,9 +264,9 @@ def test_long_pieces_use_heap_merge_and_match(ours: Tokenizer, hf_ref: HFTokeniz
     for t in [" " * 5000, "a" * 3000, blob, "\n" * 700 + "x", "é" * 400, "!?" * 600, "你好" * 300]:
         assert ours.encode(t) == hf_ids(hf_ref, t)
     for _ in range(300):
-        word = _spell("".join(rng.choice(["th", "e", " ", "in", "g", "é", "😀", "a", "n"])
+        word = spell("".join(rng.choice(["th", "e", " ", "in", "g", "é", "😀", "a", "n"])
                               for _ in range(rng.randint(1, 80))))
-        assert ours._bpe(word) == ours._bpe_heap(word)
+        assert ours._bpe.merge(word) == ours._bpe.merge_heap(word)
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,7 +279,7 @@ def representable(tok: Tokenizer, text: str) -> str:
     SmolLM2 has none for 0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, 0xF5..0xFF
     (so nothing from U+40000..U+BFFFF either); llama.cpp and Hugging Face both drop those bytes.
     """
-    missing = {b for b in range(256) if tok.token_to_id(_BYTE_TO_CHAR[b]) is None}
+    missing = {b for b in range(256) if tok.token_to_id(BYTE_TO_CHAR[b]) is None}
     return "".join(ch for ch in text if not missing.intersection(ch.encode()))
 
 
@@ -324,7 +320,7 @@ def _check_incremental(tok: Tokenizer, ids: list[int], skip: bool) -> None:
 @given(st.data())
 def test_incremental_equals_full_decode(ours: Tokenizer, data: st.DataObject) -> None:
     # Byte tokens (ids of single bytes >= 0x80) split multi-byte characters on purpose.
-    byte_ids = [i for i in (ours.token_to_id(_BYTE_TO_CHAR[b]) for b in range(0x80, 0x100))
+    byte_ids = [i for i in (ours.token_to_id(BYTE_TO_CHAR[b]) for b in range(0x80, 0x100))
                 if i is not None]
     token = st.one_of(st.integers(0, ours.vocab_size - 1), st.sampled_from(byte_ids), st.integers(0, 16))
     ids = data.draw(st.lists(token, max_size=40))
@@ -336,14 +332,14 @@ def test_incremental_equals_full_decode(ours: Tokenizer, data: st.DataObject) ->
 @given(st.text())
 def test_incremental_on_byte_tokens_of_text(ours: Tokenizer, text: str) -> None:
     text = representable(ours, text)
-    ids = [ours.token_to_id(_BYTE_TO_CHAR[b]) for b in text.encode()]
+    ids = [ours.token_to_id(BYTE_TO_CHAR[b]) for b in text.encode()]
     _check_incremental(ours, ids, skip=False)
     _check_incremental(ours, ours.encode(text), skip=True)
 
 
 @pytest.mark.slow
 def test_incremental_holds_back_partial_characters(ours: Tokenizer) -> None:
-    byte_id = {b: ours.token_to_id(_BYTE_TO_CHAR[b]) for b in range(256)}
+    byte_id = {b: ours.token_to_id(BYTE_TO_CHAR[b]) for b in range(256)}
     detok = IncrementalDetokenizer(ours)
     emoji = "😀".encode()
     assert [detok.add(byte_id[b]) for b in emoji] == ["", "", "", "😀"]
@@ -407,7 +403,7 @@ def test_cache_is_bounded(gguf_reader: gguf.GGUFReader, hf_ref: HFTokenizer, tex
     small = Tokenizer.from_gguf_reader(gguf_reader, cache_size=32)
     for t in texts[:200]:
         assert small.encode(t) == hf_ids(hf_ref, t)
-        assert len(small._cache) <= 32
+        assert len(small._bpe.cache) <= 32
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,18 +431,18 @@ def _regex_split(stages: tuple[str, ...], text: str) -> list[str]:
 
 
 _PRE_SAMPLE = sorted({"gpt-2", "default", "llama-bpe", "qwen2", "smollm", "dbrx"})
-_PRETOKENIZERS: dict[str, _PreTokenizer] = {}
+_PRETOKENIZERS: dict[str, PreTokenizer] = {}
 
 
-def _pre(name: str) -> _PreTokenizer:
+def _pre(name: str) -> PreTokenizer:
     if name not in _PRETOKENIZERS:
-        _PRETOKENIZERS[name] = _PreTokenizer(_GGUF_PRE[name][0])
+        _PRETOKENIZERS[name] = PreTokenizer(GGUF_PRE[name][0])
     return _PRETOKENIZERS[name]
 
 
 @pytest.mark.parametrize("name", _PRE_SAMPLE)
 def test_pre_tokenizer_matches_regex_module(name: str) -> None:
-    stages = _GGUF_PRE[name][0]
+    stages = GGUF_PRE[name][0]
     pre = _pre(name)
     for t in generated_texts(11, 400):
         assert pre.split(t) == _regex_split(stages, t), t
@@ -458,28 +454,28 @@ def test_pre_tokenizer_matches_regex_module(name: str) -> None:
 def test_pre_tokenizer_matches_regex_module_hypothesis(name: str, text: str) -> None:
     # Unassigned code points depend on the Unicode version; leave them out.
     text = "".join(ch for ch in text if unicodedata.category(ch) != "Cn")
-    assert _pre(name).split(text) == _regex_split(_GGUF_PRE[name][0], text)
+    assert _pre(name).split(text) == _regex_split(GGUF_PRE[name][0], text)
 
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(alphabet=st.sampled_from(list(" \t\n\r\x0ba1²Ⅻ١!'sxé😀\u3000")), max_size=30))
 def test_fused_digit_regex_equals_two_stages(text: str) -> None:
     fused = _pre("smollm")
-    staged = _PreTokenizer((r"\p{N}", _GPT2, r"\p{N}"))  # a no-op third stage defeats fusing
-    assert fused.split(text) == staged.split(text) == _regex_split((r"\p{N}", _GPT2), text)
+    staged = PreTokenizer((r"\p{N}", GPT2, r"\p{N}"))  # a no-op third stage defeats fusing
+    assert fused.split(text) == staged.split(text) == _regex_split((r"\p{N}", GPT2), text)
 
 
 def test_supported_pre_tokenizers_listed() -> None:
     for name in ("smollm", "gpt-2", "default", "llama-bpe", "llama3", "qwen2"):
         assert name in SUPPORTED_GGUF_PRE
-    assert _GGUF_PRE["default"][0] == _DEFAULT
+    assert GGUF_PRE["default"][0] == DEFAULT
 
 
 # ---------------------------------------------------------------------------------------
 # Small GGUF files: errors and model flags
 # ---------------------------------------------------------------------------------------
 
-_BYTE_TOKENS = list(_BYTE_TO_CHAR)  # id == byte value
+_BYTE_TOKENS = list(BYTE_TO_CHAR)  # id == byte value
 
 
 def _write_gguf(path: Path, model: str | None = "gpt2", pre: str | None = "gpt-2", **extra: Any) -> Path:
@@ -643,16 +639,16 @@ def test_from_hf_dir_rejects_other_models(tmp_path: Path) -> None:
 
 def test_custom_regex_stages() -> None:
     # Capture groups, empty matches and gaps take the general (staged) path.
-    pre = _PreTokenizer([r"(\p{N})|x*"])
+    pre = PreTokenizer([r"(\p{N})|x*"])
     assert pre.split("ab1😀2") == ["ab", "1", "😀", "2"]
     assert "".join(pre.split("zz9 yy😀")) == "zz9 yy😀"
     # A non-ASCII literal turns astral folding off; the full classes are used instead.
-    pre = _PreTokenizer([r"[一-龥]+|[a-z]+|\p{L}+"])
+    pre = PreTokenizer([r"[一-龥]+|[a-z]+|\p{L}+"])
     assert pre.split("ab一二𝐀𝐁c") == ["ab", "一二", "𝐀𝐁c"]
     with pytest.raises(TokenizerError, match="Han"):
-        _PreTokenizer([r"\p{Han}+"])
+        PreTokenizer([r"\p{Han}+"])
     with pytest.raises(TokenizerError, match="cannot compile"):
-        _PreTokenizer([r"(unbalanced"])
+        PreTokenizer([r"(unbalanced"])
 
 
 def test_from_hf_dir_rejects_unsupported_split(tmp_path: Path) -> None:
