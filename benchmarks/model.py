@@ -4,6 +4,7 @@ that peak RSS belongs to that load alone.
 
     .venv/bin/python benchmarks/model.py [--model default] [--tokens 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,26 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for dtype in ("float32", "bfloat16"):
-        out = subprocess.run([sys.executable, "-c", CHILD, args.model, dtype, str(args.tokens)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, args.model, dtype, str(args.tokens)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    cols = ["dtype", "load_s", "weights_mb", "load_peak_over_base_mb", "peak_rss_mb", "prompt_tokens",
-            "ttft_ms", "tpot_ms", "decode_tok_s", "e2e_tok_s", "threads"]
+    cols = [
+        "dtype",
+        "load_s",
+        "weights_mb",
+        "load_peak_over_base_mb",
+        "peak_rss_mb",
+        "prompt_tokens",
+        "ttft_ms",
+        "tpot_ms",
+        "decode_tok_s",
+        "e2e_tok_s",
+        "threads",
+    ]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -1,6 +1,7 @@
 """Turning logits into next tokens. One call samples a whole batch; every row uses its own
 parameters and its own torch.Generator, so a seeded request draws the same numbers whatever
 else shares its batch."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """What a request asks of the sampler and when it stops. Validated on construction: a bad value
 raises `SamplingParamsError` naming the field, so every front end reports the same message."""
+
 from __future__ import annotations
 
 import math

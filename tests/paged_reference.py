@@ -1,6 +1,7 @@
 """Float64 references and random cases for the paged-cache kernels, shared by the CPU and CUDA
 kernel tests. Everything here is deliberately naive: a loop per sequence over a gathered,
 contiguous copy of its context."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,15 @@ def random_case(
     v = torch.from_numpy(rng.standard_normal(shape)).to(dtype)
     starts = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
     q = torch.from_numpy(rng.standard_normal((int(starts[-1]), num_heads, head_dim))).to(dtype)
-    return PagedCase(q, k, v, torch.from_numpy(tables), torch.tensor(context_lens, dtype=torch.int32),
-                     torch.from_numpy(starts), 1.0 / head_dim**0.5)
+    return PagedCase(
+        q,
+        k,
+        v,
+        torch.from_numpy(tables),
+        torch.tensor(context_lens, dtype=torch.int32),
+        torch.from_numpy(starts),
+        1.0 / head_dim**0.5,
+    )
 
 
 def gather_context(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
@@ -79,8 +87,9 @@ def reference_attention(c: PagedCase) -> torch.Tensor:
     return out
 
 
-def reference_write(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_write(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Copies of the caches with token t written at slot_mapping[t] (skipped where -1)."""
     k, v = k_cache.clone(), v_cache.clone()
     bs = k.shape[1]

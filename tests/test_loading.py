@@ -1,5 +1,6 @@
 """Loading the default model: the memory bound (peak while loading ≤ 2× the final weights),
 dtype handling, and clear errors for what cannot be loaded."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from inflightd.models.config import ModelConfigError
 from inflightd.models.loader import ModelLoadError, load_model
 
@@ -26,8 +28,9 @@ print(json.dumps({"extra": peak - base, "weights": stats.weight_bytes, "dtype": 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_load_peak_memory_within_twice_the_weights(default_gguf: Path, dtype: str) -> None:
     # A fresh process, so that ru_maxrss is this load's peak and nothing else's.
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(default_gguf), dtype],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(default_gguf), dtype], check=True, capture_output=True, text=True
+    ).stdout
     r = json.loads(out.strip().splitlines()[-1])
     assert r["dtype"] == f"torch.{dtype}"
     assert r["extra"] <= 2 * r["weights"], r

@@ -1,6 +1,7 @@
 """The model against transformers: logits (relative error ≤ 1e-4 in float32) and greedy
 continuations, for the default GGUF and for tiny random Llama / Qwen2 checkpoints that these
 tests write themselves (GGUF in several quant types, and safetensors folders)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+
 from inflightd import LLM, SamplingParams
 from inflightd.models.llama import ContiguousKVCache, LlamaModel
 from inflightd.models.loader import _permute_qk, load_model
@@ -91,15 +93,24 @@ def test_default_model_greedy_matches_transformers(default_pair: tuple[LLM, torc
 
 def test_chat_answers(default_pair: tuple[LLM, torch.nn.Module]) -> None:
     llm, _ = default_pair
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(max_tokens=24, temperature=0.0))
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=24, temperature=0.0)
+    )
     assert "Paris" in out.text
     assert out.finish_reason in ("stop", "length")
 
 
 # ---------------------------------------------------------------------------- tiny checkpoints
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512, rms_norm_eps=1e-5)
+TINY = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=49152,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+)
 
 
 def tiny_hf(arch: str, seed: int, **extra: object) -> torch.nn.Module:
@@ -125,12 +136,25 @@ def random_prompts(seed: int) -> list[list[int]]:
     return [torch.randint(100, 49152, (n,), generator=g).tolist() for n in (1, 7, 33, 70)]
 
 
-@pytest.mark.parametrize("arch,extra", [
-    ("llama", {}),
-    ("qwen2", {}),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
-])
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        ("llama", {}),
+        ("qwen2", {}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),
+    ],
+)
 def test_safetensors_folder_matches_transformers(tmp_path: Path, arch: str, extra: dict) -> None:
     hf = tiny_hf(arch, seed=1, **extra)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -158,8 +182,14 @@ def _kquant_blocks(qtype: gguf.GGMLQuantizationType, rows: int, cols: int, rng: 
     return raw.reshape(rows, cols // block * nbytes)
 
 
-def write_tiny_gguf(path: Path, hf: torch.nn.Module, arch: str, qtype: gguf.GGMLQuantizationType,
-                    default_gguf: Path, rng: np.random.Generator) -> None:
+def write_tiny_gguf(
+    path: Path,
+    hf: torch.nn.Module,
+    arch: str,
+    qtype: gguf.GGMLQuantizationType,
+    default_gguf: Path,
+    rng: np.random.Generator,
+) -> None:
     """The converter's layout (GGUF names, Q/K row permutation for llama) with the default
     model's tokenizer, so transformers can load it too."""
     cfg = hf.config
@@ -181,8 +211,11 @@ def write_tiny_gguf(path: Path, hf: torch.nn.Module, arch: str, qtype: gguf.GGML
     w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     sd = hf.state_dict()
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -190,11 +223,18 @@ def write_tiny_gguf(path: Path, hf: torch.nn.Module, arch: str, qtype: gguf.GGML
     for name, t in sd.items():
         g = names.get(name)
         if g is None:
-            g = (name.replace("model.layers.", "blk.").replace("self_attn.q_proj", "attn_q")
-                 .replace("self_attn.k_proj", "attn_k").replace("self_attn.v_proj", "attn_v")
-                 .replace("self_attn.o_proj", "attn_output").replace("mlp.gate_proj", "ffn_gate")
-                 .replace("mlp.up_proj", "ffn_up").replace("mlp.down_proj", "ffn_down")
-                 .replace("post_attention_layernorm", "ffn_norm").replace("input_layernorm", "attn_norm"))
+            g = (
+                name.replace("model.layers.", "blk.")
+                .replace("self_attn.q_proj", "attn_q")
+                .replace("self_attn.k_proj", "attn_k")
+                .replace("self_attn.v_proj", "attn_v")
+                .replace("self_attn.o_proj", "attn_output")
+                .replace("mlp.gate_proj", "ffn_gate")
+                .replace("mlp.up_proj", "ffn_up")
+                .replace("mlp.down_proj", "ffn_down")
+                .replace("post_attention_layernorm", "ffn_norm")
+                .replace("input_layernorm", "attn_norm")
+            )
         t = t.float()
         if arch == "llama" and ".attn_q." in g:
             t = _permute_qk(t, cfg.num_attention_heads)
@@ -216,20 +256,37 @@ def write_tiny_gguf(path: Path, hf: torch.nn.Module, arch: str, qtype: gguf.GGML
 K = gguf.GGMLQuantizationType
 
 
-@pytest.mark.parametrize("arch,qtype", [
-    ("llama", K.F32), ("qwen2", K.F32), ("llama", K.F16), ("llama", K.BF16), ("llama", K.Q8_0),
-    ("qwen2", K.Q4_0), ("llama", K.Q4_1), ("llama", K.Q4_K), ("qwen2", K.Q5_K), ("llama", K.Q6_K),
-])
-def test_tiny_gguf_matches_transformers(tmp_path: Path, default_gguf: Path, arch: str, qtype: gguf.GGMLQuantizationType) -> None:
+@pytest.mark.parametrize(
+    "arch,qtype",
+    [
+        ("llama", K.F32),
+        ("qwen2", K.F32),
+        ("llama", K.F16),
+        ("llama", K.BF16),
+        ("llama", K.Q8_0),
+        ("qwen2", K.Q4_0),
+        ("llama", K.Q4_1),
+        ("llama", K.Q4_K),
+        ("qwen2", K.Q5_K),
+        ("llama", K.Q6_K),
+    ],
+)
+def test_tiny_gguf_matches_transformers(
+    tmp_path: Path, default_gguf: Path, arch: str, qtype: gguf.GGMLQuantizationType
+) -> None:
     hf = tiny_hf(arch, seed=3)
     path = tmp_path / f"tiny-{arch}-{qtype.name}.gguf"
     write_tiny_gguf(path, hf, arch, qtype, default_gguf, np.random.default_rng(4))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, torch_dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, torch_dtype=torch.float32
+    ).eval()
     model, _ = load_model(path, "float32")
     prompts = random_prompts(5)
     for p, o in zip(prompts, our_logits(model, prompts)):
         assert rel_err(o, hf_logits(ref, p)) <= 1e-4
         if qtype == K.F32:  # lossless: the original model is a reference too, checking the Q/K permutation
             assert rel_err(o, hf_logits(hf, p)) <= 1e-4
-    llm_ids = LLM(model=str(path), dtype="float32").generate(prompts[2:3], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    llm_ids = LLM(model=str(path), dtype="float32").generate(
+        prompts[2:3], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    )
     assert llm_ids[0].token_ids == hf_greedy(ref, prompts[2], 16)

@@ -17,8 +17,9 @@ import zipfile
 from pathlib import Path
 from typing import ClassVar
 
-import inflightd
 import pytest
+
+import inflightd
 from inflightd import cli, store
 from inflightd.pull import pull
 from inflightd.store import (

@@ -1,5 +1,6 @@
 """Model hyper-parameters: one frozen dataclass, built from GGUF metadata or a Hugging Face
 config.json. Everything the forward pass needs to know about a checkpoint's shape lives here."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ with its explicit position. Attention is the only place where sequence boundarie
 handed in as a callable bound to the step's metadata (`Attend`): the reference contiguous cache
 below today, the paged cache and Numba kernels later. No global attention context.
 """
+
 from __future__ import annotations
 
 import math
@@ -198,7 +199,9 @@ class ContiguousKVCache:
             starts.append(starts[-1] + n)
         return ContiguousStep(tuple(seq_ids), tuple(starts), tuple(ctx))
 
-    def attend(self, step: ContiguousStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, step: ContiguousStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] → [T, H, D]
         out = torch.empty_like(q)
         scale = self.config.attn_scale

@@ -5,6 +5,7 @@ Both formats are mapped to GGUF tensor names and assembled by one function, `_as
 fuses q/k/v and gate/up. Tensors are converted one at a time, so the peak while loading is the
 final weights plus about one layer.
 """
+
 from __future__ import annotations
 
 import json
@@ -128,7 +129,9 @@ def open_gguf(path: str | os.PathLike[str]) -> Any:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
-def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, reader: Any = None) -> tuple[ModelConfig, LlamaWeights]:
+def load_gguf(
+    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, reader: Any = None
+) -> tuple[ModelConfig, LlamaWeights]:
     from .dequant import dequantize
 
     if reader is None:
@@ -159,7 +162,10 @@ def load_gguf(path: str | os.PathLike[str], dtype: torch.dtype, device: torch.de
 
 # --------------------------------------------------------------------------------- safetensors
 _ST_DTYPES: dict[str, torch.dtype] = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
 }
 
 _HF_NAMES = [
@@ -211,7 +217,9 @@ class SafetensorsFile:
         return out.reshape(info["shape"])
 
 
-def load_hf_dir(path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device) -> tuple[ModelConfig, LlamaWeights]:
+def load_hf_dir(
+    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device
+) -> tuple[ModelConfig, LlamaWeights]:
     root = Path(path)
     try:
         config = ModelConfig.from_hf_config(json.loads((root / "config.json").read_text()))
@@ -258,7 +266,12 @@ def load_model(
     stats = LoadStats(time.perf_counter() - t0, weights.num_bytes(), str(p))
     log.info(
         "loaded %s (%s, %d layers, %.1f MB of %s weights) in %.2f s",
-        p.name, config.architecture, config.num_layers, stats.weight_bytes / 1e6, str(dtype).removeprefix("torch."), stats.seconds,
+        p.name,
+        config.architecture,
+        config.num_layers,
+        stats.weight_bytes / 1e6,
+        str(dtype).removeprefix("torch."),
+        stats.seconds,
     )
     return model, stats
 
