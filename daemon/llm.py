@@ -1,15 +1,18 @@
 """The offline API, shaped like vLLM's: `LLM(model=...).generate(prompts, SamplingParams(...))`,
 `.chat(messages, params)`, `.tokenizer`.
 
-Generation here is the reference loop: every prompt is prefilled in one flat batch, then all
-unfinished sequences decode together, one token each per step, over the contiguous reference
-KV cache. The in-flight engine (scheduler, paged cache, kernels) takes its place later; this loop
-stays as the oracle its outputs are compared against.
+All prompts are in flight together: each step decodes one token of every sequence past its
+prompt and fills the rest of the token budget with prompt chunks, over the paged KV cache and
+the Numba kernels (or, with `attention="reference"`, the contiguous reference cache that tests
+compare against). Admission reserves KV room for prompt + max_tokens; the in-flight engine's
+scheduler, with preemption and queue delays, takes this loop's place for the daemon.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +20,15 @@ from typing import Any
 
 import torch
 
+import numba_kernels
+
 from .chat_template import ChatTemplate
-from .models.llama import ContiguousKVCache, LlamaModel
+from .kv_cache import BlockManager
+from .kv_storage import PagedKVCache, plan_num_blocks
+from .model_runner import ModelRunner, measure_activation_peak
+from .models.llama import LlamaModel
 from .models.loader import LoadStats, load_model, open_gguf
+from .offline_backends import Backend, PagedBackend, ReferenceBackend, Work
 from .sampling import make_generator, sample
 from .sampling_params import SamplingParams
 from .store import resolve_model
@@ -28,9 +37,6 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger("inflightd.llm")
 
 Message = dict[str, Any]
-
-# Tokens prefilled in one forward: bounds the activation peak when many long prompts arrive.
-_PREFILL_TOKENS = 4096
 
 
 class PromptTooLongError(ValueError):
@@ -44,6 +50,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length"
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     ttft_s: float = 0.0
     tpot_s: float = 0.0
 
@@ -58,6 +65,11 @@ class _Seq:
     stop_ids: frozenset[int]
     t_start: float
     t_first: float = 0.0
+    computed: int = 0  # prompt tokens whose K/V are in the cache or being computed
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.out.prompt_token_ids)
 
 
 class LLM:
@@ -67,7 +79,14 @@ class LLM:
         device: str = "cpu",
         dtype: str = "float32",
         max_model_len: int | None = None,
+        *,
+        attention: str = "paged",
+        block_size: int = 16,
+        kv_cache_memory: int | str = "auto",
+        max_num_batched_tokens: int = 2048,
     ) -> None:
+        """`attention`: "paged" (the paged cache and Numba kernels, as the daemon runs) or
+        "reference" (contiguous per-sequence buffers and torch SDPA, the oracle for tests)."""
         path = resolve_model(model)
         self.model_path = path
         self.model: LlamaModel
@@ -81,6 +100,22 @@ class LLM:
             self.tokenizer = Tokenizer.from_gguf_reader(reader)
             del reader  # releases the file mapping: the weights are copies
         self.max_model_len = min(max_model_len or self.model.config.max_position, self.model.config.max_position)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self._backend: Backend
+        if attention == "reference":
+            self._backend = ReferenceBackend(self.model)
+        elif attention == "paged":
+            numba_kernels.warmup(dtypes=(self.model.dtype,))
+            peak = measure_activation_peak(self.model, max_num_batched_tokens, block_size)
+            num_blocks = plan_num_blocks(
+                self.model.config, block_size, self.model.dtype, self.model.device, kv_cache_memory, peak
+            )
+            kv = PagedKVCache(self.model.config, num_blocks, block_size, self.model.dtype, self.model.device)
+            self.block_manager = BlockManager(num_blocks, block_size)
+            self._backend = PagedBackend(ModelRunner(self.model, kv), self.block_manager)
+        else:
+            raise ValueError(f"attention must be 'paged' or 'reference', got {attention!r}")
+        self._next_seq_id = 0
         tmpl = self.tokenizer.chat_template
         self.chat_template = (
             ChatTemplate(tmpl, bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token) if tmpl else None
@@ -149,51 +184,64 @@ class LLM:
                     f"prompt ({len(toks)} tokens) + max_tokens ({p.max_tokens}) = {len(toks) + p.max_tokens} "
                     f"exceeds the model's context of {self.max_model_len} tokens"
                 )
-        cache = ContiguousKVCache(self.model.config, self.model.dtype, self.model.device)
         now = time.perf_counter()
         seqs = []
-        for i, (text, toks, p) in enumerate(zip(texts, ids, params)):
-            cache.add_sequence(i, len(toks) + p.max_tokens)
+        for text, toks, p in zip(texts, ids, params):
             stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.tokenizer.eos_token_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
             seqs.append(
-                _Seq(i, RequestOutput(text, list(toks)), p, make_generator(p),
-                     IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True), stop_ids, now)
+                _Seq(self._next_seq_id, RequestOutput(text, list(toks)), p, make_generator(p), detok, stop_ids, now)
             )
-        # prefill in groups of whole prompts, then decode everyone together
-        group: list[_Seq] = []
-        for s in seqs:
-            group.append(s)
-            if sum(len(g.out.prompt_token_ids) for g in group) >= _PREFILL_TOKENS:
-                self._step(cache, group, prefill=True)
-                group = []
-        if group:
-            self._step(cache, group, prefill=True)
-        running = [s for s in seqs if s.out.finish_reason is None]
-        while running:
-            self._step(cache, running, prefill=False)
-            running = [s for s in running if s.out.finish_reason is None]
+            self._next_seq_id += 1
+        waiting = deque(seqs)
+        running: list[_Seq] = []
+        try:
+            while waiting or running:
+                while waiting:
+                    s = waiting[0]
+                    cached = self._backend.admit(s.seq_id, s.out.prompt_token_ids, s.params.max_tokens)
+                    if cached is None:
+                        break
+                    s.computed = s.out.cached_tokens = cached
+                    running.append(waiting.popleft())
+                self._step(running)
+                for s in [s for s in running if s.out.finish_reason is not None]:
+                    self._backend.release(s.seq_id)
+                    running.remove(s)
+        finally:
+            for s in running:
+                self._backend.release(s.seq_id)
         return [s.out for s in seqs]
 
-    def _step(self, cache: ContiguousKVCache, seqs: list[_Seq], *, prefill: bool) -> None:
-        if prefill:
-            chunks = [s.out.prompt_token_ids for s in seqs]
-            pos = [torch.arange(len(c)) for c in chunks]
-        else:
-            chunks = [[s.out.token_ids[-1]] for s in seqs]
-            pos = [torch.tensor([len(s.out.prompt_token_ids) + len(s.out.token_ids) - 1]) for s in seqs]
-        dev = self.model.device
-        input_ids = torch.tensor([t for c in chunks for t in c], dtype=torch.int64, device=dev)
-        positions = torch.cat(pos).to(dev)
-        step = cache.plan([s.seq_id for s in seqs], [len(c) for c in chunks])
-        hidden = self.model.forward(input_ids, positions, lambda layer, q, k, v: cache.attend(step, layer, q, k, v))
-        last = torch.tensor(step.query_start[1:], device=dev) - 1
-        logits = self.model.logits(hidden[last])
-        new = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+    def _step(self, running: list[_Seq]) -> None:
+        """Decode tokens of every sequence past its prompt, then prompt chunks up to the token
+        budget (a long prompt is split over steps)."""
+        work: list[Work] = []
+        sampled: list[_Seq] = []
+        budget = self.max_num_batched_tokens
+        for s in running:
+            if not s.prefilling:
+                pos = len(s.out.prompt_token_ids) + len(s.out.token_ids) - 1
+                work.append(Work(s.seq_id, [s.out.token_ids[-1]], pos, True, False))
+                sampled.append(s)
+                budget -= 1
+        for s in running:
+            if s.prefilling and budget > 0:
+                prompt = s.out.prompt_token_ids
+                n = min(budget, len(prompt) - s.computed)
+                last = s.computed + n == len(prompt)
+                work.append(Work(s.seq_id, prompt[s.computed : s.computed + n], s.computed, last, True))
+                s.computed += n
+                budget -= n
+                if last:
+                    sampled.append(s)
+        if not work:
+            return
+        logits = self._backend.run(work)
+        new = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         now = time.perf_counter()
-        for s, tok in zip(seqs, new):
+        for s, tok in zip(sampled, new):
             self._append(s, tok, now)
-            if s.out.finish_reason is not None:
-                cache.free(s.seq_id)
 
     @staticmethod
     def _append(s: _Seq, tok: int, now: float) -> None:

@@ -1,0 +1,123 @@
+"""Flattening a scheduled step into tensors and running the model over the paged cache.
+
+The caller (the scheduler, or the offline loop) has already asked the block manager for slots;
+a step arrives here as one `SeqChunk` per sequence: the tokens to compute, where they sit, where
+their K/V go, and whether the last one is sampled. Out come logits for the sampled rows only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from .kv_storage import PagedKVCache, PagedStep, peak_rss, reset_peak_rss
+from .models.llama import LlamaModel
+
+log = logging.getLogger("inflightd.runner")
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    token_ids: Sequence[int]  # the new tokens fed this step (a prefill chunk, or one decode token)
+    start_pos: int  # position of token_ids[0]; the context holds start_pos + len(token_ids) tokens after the step
+    slots: Sequence[int]  # [len(token_ids)] cache slots for their K/V
+    block_table: Sequence[int]  # physical blocks of the whole sequence so far
+    sample: bool  # logits wanted for the last token (a prompt's last chunk, or a decode step)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: PagedKVCache) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = model.device
+
+    def prepare(self, chunks: Sequence[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, PagedStep, torch.Tensor]:
+        """→ input_ids [T] int64, positions [T] int64, the step's attention metadata, and the row
+        of each sampled sequence's last token in the flat batch ([num_sampled] int64)."""
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        ctx = []
+        sample_rows = []
+        width = max(len(c.block_table) for c in chunks)
+        tables = torch.full((len(chunks), width), -1, dtype=torch.int32)
+        for i, c in enumerate(chunks):
+            n = len(c.token_ids)
+            if len(c.slots) != n:
+                raise ValueError(f"sequence chunk {i}: {n} tokens but {len(c.slots)} slots")
+            ids.extend(c.token_ids)
+            pos.extend(range(c.start_pos, c.start_pos + n))
+            slots.extend(c.slots)
+            starts.append(starts[-1] + n)
+            ctx.append(c.start_pos + n)
+            tables[i, : len(c.block_table)] = torch.tensor(c.block_table, dtype=torch.int32)
+            if c.sample:
+                sample_rows.append(starts[-1] - 1)
+        dev = self.device
+        step = PagedStep(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=tables.to(dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            decode_only=all(len(c.token_ids) == 1 for c in chunks),
+        )
+        return (
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(pos, dtype=torch.int64, device=dev),
+            step,
+            torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+        )
+
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+        """Run one step → logits [num_sampled, vocab] float32, in the order of the sampled chunks.
+        `copies`: copy-on-write block copies (src, dst) to perform before any cache write."""
+        if copies:
+            self.kv.copy_blocks([s for s, _ in copies], [d for _, d in copies])
+        input_ids, positions, step, rows = self.prepare(chunks)
+        kv = self.kv
+        hidden = self.model.forward(input_ids, positions, lambda layer, q, k, v: kv.attend(step, layer, q, k, v))
+        return self.model.logits(hidden[rows])
+
+
+# Tokens of the CPU profiling forward. Activations grow linearly with the tokens of a step
+# (attention runs in the kernels, no [T, T] scores), so a short forward scaled up bounds a
+# long one, at a fraction of the time: a 2048-token forward takes seconds on a small CPU.
+_CPU_PROFILE_TOKENS = 256
+
+
+def measure_activation_peak(model: LlamaModel, num_tokens: int, block_size: int) -> int:
+    """Bytes a forward of `num_tokens` prompt tokens needs beyond weights and cache, measured by
+    running one: the peak CUDA allocation on a GPU; on Linux CPUs the RSS high-water mark (reset
+    first) of a shorter forward, scaled up. Elsewhere an estimate from the shapes."""
+    cfg = model.config
+    scale = 1.0
+    if model.device.type != "cuda" and num_tokens > _CPU_PROFILE_TOKENS:
+        scale, num_tokens = num_tokens / _CPU_PROFILE_TOKENS, _CPU_PROFILE_TOKENS
+    blocks = -(-num_tokens // block_size)
+    kv = PagedKVCache(cfg, blocks, block_size, model.dtype, model.device)
+    runner = ModelRunner(model, kv)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (num_tokens,), generator=g).tolist()
+    chunk = SeqChunk(tokens, 0, list(range(num_tokens)), list(range(blocks)), True)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        runner.execute([chunk])
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    # kv's pages are untouched until written: touch them first so the peak below excludes them
+    for t in kv.k + kv.v:
+        t.zero_()
+    rss = psutil.Process().memory_info().rss
+    if reset_peak_rss():
+        runner.execute([chunk])
+        return int(max(peak_rss() - rss, 0) * scale)
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    per_token = (4 * cfg.hidden_size + 3 * cfg.intermediate_size + cfg.q_size + 2 * cfg.kv_size) * elem
+    return int((num_tokens * per_token + cfg.vocab_size * 4) * scale)
