@@ -1,0 +1,508 @@
+"""CPU (``numba.njit(parallel=True)``) kernels over the paged KV cache.
+
+The public functions take numpy views of the torch tensors, already validated by the dispatcher
+in ``numba_kernels/__init__.py``; bfloat16 tensors arrive as their int16 bits. Every kernel
+accumulates in float32.
+
+Attention (one kernel for decode and prefill): the work is cut into *items*, each one KV head of
+one sequence, a tile of up to ``Q_TILE`` query tokens with the whole GQA group of query heads
+(so every K/V row is read from memory once for all ``num_heads / num_kv_heads`` heads), and a
+range of context positions. Decode-sized queries (one tile) over long contexts are also split
+along the context (flash-decoding) so that a small batch still gives every thread work; their
+partial (max, sum, accumulator) triples are merged afterwards. Items are packed onto threads by
+the planner (longest first, onto the least-loaded thread) and the parallel loop runs over
+*threads*, not items: Numba's static ``prange`` chunking would otherwise hand all the long
+causal tiles of a prefill to the last thread. Within an item the context is walked block by
+block with an online softmax in log2 units (``exp2`` of pre-scaled scores).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .cpu_math import F32_NEG_BIG, FASTMATH, exp2, ld, prefetch, st, stage
+
+# Query tokens per prefill item: Q_TILE * group rows share each K/V block while it sits in L1.
+Q_TILE = 16
+# Chunks with at most this many (token, head) rows are run as one item over all KV heads, so a
+# physical block (block_size * num_kv_heads * head_dim contiguous values) is read as one piece.
+ALL_HEADS_ROWS = 64
+# Shortest context slice worth a separate item (the merge and the item overhead cost about as
+# much as reading a few dozen rows).
+MIN_SPLIT = 64
+# Items per thread to aim for when splitting contexts: enough that the longest-first packing
+# balances, few enough that the merge stays negligible.
+ITEMS_PER_THREAD = 4
+_LOG2E = 1.4426950408889634
+
+# Columns of the item table: sequence, first KV head, KV heads, first token of the tile (within
+# the sequence's chunk), tokens in the tile, context range [lo, hi), partial slot or -1.
+_SEQ, _H0, _NH, _J0, _NQ, _LO, _HI, _PART = range(8)
+_NCOL = 8
+
+
+@njit(cache=True)
+def _argsort_desc(key):
+    """Indices of key [n] float64, largest first: a shell sort, because np.argsort costs
+    ~2.5 s of compile time and n is only the number of items."""
+    n = key.shape[0]
+    idx = np.arange(n)
+    gap = 1
+    while gap < n // 3:
+        gap = 3 * gap + 1
+    while gap >= 1:
+        for i in range(gap, n):
+            cur = idx[i]
+            j = i
+            while j >= gap and key[idx[j - gap]] < key[cur]:
+                idx[j] = idx[j - gap]
+                j -= gap
+            idx[j] = cur
+        gap //= 3
+    return idx
+
+
+@njit(cache=True)
+def _check(block_tables, context_lens, query_start_loc, num_tokens, num_blocks, block_size):
+    """0, or the code of the first inconsistency (see _ERRORS): an index that would read out of
+    bounds. O(blocks in use), so it runs on every call instead of being trusted."""
+    if query_start_loc[0] != 0 or query_start_loc[query_start_loc.shape[0] - 1] != num_tokens:
+        return 1
+    for i in range(context_lens.shape[0]):
+        n = query_start_loc[i + 1] - query_start_loc[i]
+        ctx = context_lens[i]
+        if n < 0:
+            return 1
+        if n > ctx:
+            return 2
+        if n == 0:
+            continue
+        nblk = (ctx + block_size - 1) // block_size
+        if nblk > block_tables.shape[1]:
+            return 3
+        for b in range(nblk):
+            if block_tables[i, b] < 0 or block_tables[i, b] >= num_blocks:
+                return 4
+    return 0
+
+
+_ERRORS = {
+    1: "query_start_loc must rise (non-decreasing) from 0 to num_tokens",
+    2: "context_lens must be >= each sequence's number of new tokens (they are in the cache)",
+    3: "context_lens exceeds what block_tables has room for (max_blocks * block_size)",
+    4: "block_tables refers to a block outside the cache within a sequence's context",
+}
+
+
+@njit(cache=True)
+def _plan(context_lens, query_start_loc, num_heads, num_kv_heads, block_size, nthreads):
+    """Cut the batch into items and pack them onto threads.
+
+    context_lens [num_seqs] int32, query_start_loc [num_seqs + 1] int32. Returns (items [n, 8]
+    int64, order [n] int64: item indices grouped by thread, bounds [nthreads + 1] int64: thread
+    t runs order[bounds[t]:bounds[t + 1]], merges [m, 4] int64: (seq, rows, first partial,
+    partial count) of split chunks, num_partials).
+    """
+    num_seqs = context_lens.shape[0]
+    group = num_heads // num_kv_heads
+    # Split the context of all-heads chunks only as far as needed to give each thread a few
+    # items; longer chunks are parallel enough through their query tiles and heads.
+    short_ctx = 0
+    total = 0
+    for i in range(num_seqs):
+        n = query_start_loc[i + 1] - query_start_loc[i]
+        if n <= 0:
+            continue
+        if n * num_heads <= ALL_HEADS_ROWS:
+            short_ctx += context_lens[i]
+            total += 1
+        else:
+            total += (n + Q_TILE - 1) // Q_TILE * num_kv_heads
+    split = 1 << 40
+    want = nthreads * ITEMS_PER_THREAD
+    if nthreads > 1 and total < want:
+        per = max((short_ctx + want - 1) // want, MIN_SPLIT)
+        split = (per + block_size - 1) // block_size * block_size
+
+    count = 0
+    nmerge = 0
+    for i in range(num_seqs):
+        n = query_start_loc[i + 1] - query_start_loc[i]
+        if n <= 0:
+            continue
+        if n * num_heads <= ALL_HEADS_ROWS:
+            parts = (context_lens[i] + split - 1) // split
+            count += parts
+            nmerge += parts > 1
+        else:
+            count += (n + Q_TILE - 1) // Q_TILE * num_kv_heads
+
+    items = np.empty((count, _NCOL), np.int64)
+    merges = np.empty((nmerge, 4), np.int64)
+    cost = np.empty(count, np.float64)
+    k = 0
+    mk = 0
+    npart = 0
+    for i in range(num_seqs):
+        n = query_start_loc[i + 1] - query_start_loc[i]
+        if n <= 0:
+            continue
+        ctx = context_lens[i]
+        if n * num_heads <= ALL_HEADS_ROWS:
+            parts = (ctx + split - 1) // split
+            if parts > 1:
+                merges[mk, 0] = i
+                merges[mk, 1] = n * num_heads
+                merges[mk, 2] = npart
+                merges[mk, 3] = parts
+                mk += 1
+            for p in range(parts):
+                items[k, _SEQ] = i
+                items[k, _H0] = 0
+                items[k, _NH] = num_kv_heads
+                items[k, _J0] = 0
+                items[k, _NQ] = n
+                items[k, _LO] = p * split
+                items[k, _HI] = min(ctx, (p + 1) * split)
+                items[k, _PART] = -1
+                if parts > 1:
+                    items[k, _PART] = npart
+                    npart += 1
+                # Decode is memory bound: the cost is the rows read (+ a fixed overhead).
+                cost[k] = (items[k, _HI] - items[k, _LO]) * num_kv_heads * (1.0 + 0.1 * n * group) + 64.0
+                k += 1
+        else:
+            for h in range(num_kv_heads):
+                for j0 in range(0, n, Q_TILE):
+                    nq = min(Q_TILE, n - j0)
+                    items[k, _SEQ] = i
+                    items[k, _H0] = h
+                    items[k, _NH] = 1
+                    items[k, _J0] = j0
+                    items[k, _NQ] = nq
+                    items[k, _LO] = 0
+                    items[k, _HI] = ctx - n + j0 + nq  # causal: the tile's last position + 1
+                    items[k, _PART] = -1
+                    cost[k] = (items[k, _HI] - nq * 0.5) * (1.0 + 0.1 * nq * group) + 64.0
+                    k += 1
+
+    # Longest first onto the least-loaded thread.
+    by_cost = _argsort_desc(cost)
+    load = np.zeros(nthreads, np.float64)
+    owner = np.empty(count, np.int64)
+    for idx in by_cost:
+        t = 0
+        for u in range(1, nthreads):
+            if load[u] < load[t]:
+                t = u
+        owner[idx] = t
+        load[t] += cost[idx]
+    bounds = np.zeros(nthreads + 1, np.int64)
+    for idx in range(count):
+        bounds[owner[idx] + 1] += 1
+    for t in range(nthreads):
+        bounds[t + 1] += bounds[t]
+    fill = np.empty(nthreads, np.int64)
+    for t in range(nthreads):
+        fill[t] = bounds[t]
+    order = np.empty(count, np.int64)
+    for idx in by_cost:
+        order[fill[owner[idx]]] = idx
+        fill[owner[idx]] += 1
+    return items, order, bounds, merges, npart
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _prefetch_block(k, v, row0, nrows, lines):
+    """Prefetch rows [row0, row0 + nrows) of k and v ([rows, head_dim], C-contiguous): one hint
+    per cache line (``lines`` elements)."""
+    dim = k.shape[1]
+    for x in range(row0 * dim, (row0 + nrows) * dim, lines):
+        prefetch(k, x)
+        prefetch(v, x)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _run_item(out, q, k, v, block_table, ctx, n, tok0, it, num_heads, num_kv_heads, block_size,
+              scale, qs, acc, m, lsum, sc, kbuf, vbuf, part_m, part_l, part_acc):
+    """One item: online softmax over context [lo, hi) of its rows.
+
+    out, q: [num_tokens * num_heads, head_dim]; k, v: [num_blocks * block_size * num_kv_heads,
+    head_dim] (float32, or int16 bfloat16 bits); block_table [max_blocks] int32. Scratch:
+    qs, acc [rows, head_dim]; m, lsum [rows]; sc [block_size]; kbuf, vbuf [block_size *
+    num_kv_heads, head_dim] (bfloat16 staging); part_m, part_l [partials * rows], part_acc
+    [partials * rows, head_dim]. Row r = (kv head hh * nq + token jj) * group + g.
+    """
+    h0 = it[_H0]
+    nh = it[_NH]
+    j0 = it[_J0]
+    nq = it[_NQ]
+    lo = it[_LO]
+    hi = it[_HI]
+    group = num_heads // num_kv_heads
+    dim = q.shape[1]
+    rows = nh * nq * group
+    first_pos = ctx - n + j0  # absolute position of the tile's first query token
+    line = 64 // k.itemsize
+
+    for r in range(rows):
+        hh = r // (nq * group)
+        jj = (r // group) % nq
+        qrow = (tok0 + j0 + jj) * num_heads + (h0 + hh) * group + r % group
+        for d in range(dim):
+            qs[r, d] = ld(q, qrow, d) * scale
+            acc[r, d] = 0.0
+        m[r] = F32_NEG_BIG
+        lsum[r] = 0.0
+
+    b_first = lo // block_size
+    b_end = (hi + block_size - 1) // block_size
+    for b in range(b_first, b_end):
+        t_lo = max(lo, b * block_size)
+        t_hi = min(hi, (b + 1) * block_size)
+        cnt = t_hi - t_lo
+        # Rows of this block's first used slot, all heads: [cnt * num_kv_heads, head_dim].
+        row0 = (block_table[b] * block_size + t_lo - b * block_size) * num_kv_heads
+        if b + 1 < b_end:
+            nxt = block_table[b + 1] * block_size * num_kv_heads
+            _prefetch_block(k, v, nxt, block_size * num_kv_heads, line)
+        kf, koff = stage(k, row0, cnt, h0, nh, num_kv_heads, kbuf)
+        vf, voff = stage(v, row0, cnt, h0, nh, num_kv_heads, vbuf)
+        for r in range(rows):
+            hh = r // (nq * group)
+            jj = (r // group) % nq
+            # Causal: row r is the query at position first_pos + jj.
+            e = min(t_hi, first_pos + jj + 1)
+            if e <= t_lo:
+                continue
+            c = e - t_lo
+            kr0 = koff + h0 + hh
+            vr0 = voff + h0 + hh
+            bmax = F32_NEG_BIG
+            for t in range(c):
+                kr = kr0 + t * num_kv_heads
+                s = np.float32(0.0)
+                for d in range(dim):
+                    s += qs[r, d] * kf[kr, d]
+                sc[t] = s
+                bmax = max(bmax, s)
+            m_new = max(m[r], bmax)
+            alpha = exp2(m[r] - m_new)
+            m[r] = m_new
+            total = np.float32(0.0)
+            for t in range(c):
+                p = exp2(sc[t] - m_new)
+                sc[t] = p
+                total += p
+            lsum[r] = lsum[r] * alpha + total
+            for d in range(dim):
+                acc[r, d] *= alpha
+            for t in range(c):
+                vr = vr0 + t * num_kv_heads
+                p = sc[t]
+                for d in range(dim):
+                    acc[r, d] += p * vf[vr, d]
+
+    part = it[_PART]
+    for r in range(rows):
+        if part < 0:
+            hh = r // (nq * group)
+            jj = (r // group) % nq
+            orow = (tok0 + j0 + jj) * num_heads + (h0 + hh) * group + r % group
+            inv = np.float32(1.0) / lsum[r]
+            for d in range(dim):
+                st(out, orow, d, acc[r, d] * inv)
+        else:
+            pr = part * ALL_HEADS_ROWS + r
+            part_m[pr] = m[r]
+            part_l[pr] = lsum[r]
+            for d in range(dim):
+                part_acc[pr, d] = acc[r, d]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _merge(out, part_m, part_l, part_acc, merges, query_start_loc, num_heads, num_kv_heads):
+    """Merge the context slices of split chunks (few: only small batches are split).
+
+    out: [num_tokens * num_heads, head_dim]; part_m, part_l: [partials * ALL_HEADS_ROWS];
+    part_acc: [partials * ALL_HEADS_ROWS, head_dim]; merges: [m, 4] from _plan."""
+    dim = out.shape[1]
+    group = num_heads // num_kv_heads
+    o = np.empty(dim, np.float32)
+    for g in range(merges.shape[0]):
+        i = merges[g, 0]
+        rows = merges[g, 1]
+        p0 = merges[g, 2]
+        nparts = merges[g, 3]
+        tok0 = query_start_loc[i]
+        nq = rows // num_heads
+        for r in range(rows):
+            mx = F32_NEG_BIG
+            for p in range(nparts):
+                mx = max(mx, part_m[(p0 + p) * ALL_HEADS_ROWS + r])
+            total = np.float32(0.0)
+            for d in range(dim):
+                o[d] = 0.0
+            for p in range(nparts):
+                pr = (p0 + p) * ALL_HEADS_ROWS + r
+                w = exp2(part_m[pr] - mx)
+                total += part_l[pr] * w
+                for d in range(dim):
+                    o[d] += part_acc[pr, d] * w
+            hh = r // (nq * group)
+            jj = (r // group) % nq
+            orow = (tok0 + jj) * num_heads + hh * group + r % group
+            inv = np.float32(1.0) / total
+            for d in range(dim):
+                st(out, orow, d, o[d] * inv)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _thread(t, out, q, k, v, block_tables, context_lens, query_start_loc, num_heads, num_kv_heads,
+            block_size, scale, items, order, bounds, part_m, part_l, part_acc):
+    """Thread t's share of _attention: items order[bounds[t]:bounds[t + 1]]."""
+    group = num_heads // num_kv_heads
+    dim = q.shape[1]
+    rows = max(ALL_HEADS_ROWS, Q_TILE * group)
+    # Per-thread scratch, reused by all of this thread's items (stays in L1/L2).
+    qs = np.empty((rows, dim), np.float32)
+    acc = np.empty((rows, dim), np.float32)
+    m = np.empty(rows, np.float32)
+    lsum = np.empty(rows, np.float32)
+    sc = np.empty(block_size, np.float32)
+    kbuf = np.empty((block_size * num_kv_heads, dim), np.float32)
+    vbuf = np.empty((block_size * num_kv_heads, dim), np.float32)
+    for x in range(bounds[t], bounds[t + 1]):
+        it = items[order[x]]
+        i = it[_SEQ]
+        tok0 = np.int64(query_start_loc[i])
+        n = np.int64(query_start_loc[i + 1]) - tok0
+        _run_item(out, q, k, v, block_tables[i], np.int64(context_lens[i]), n, tok0, it,
+                  num_heads, num_kv_heads, block_size, scale, qs, acc, m, lsum, sc, kbuf,
+                  vbuf, part_m, part_l, part_acc)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _attention(out, q, k, v, block_tables, context_lens, query_start_loc, num_heads, num_kv_heads,
+               block_size, scale, nthreads):
+    """out, q: [num_tokens * num_heads, head_dim]; k, v: [num_blocks * block_size * num_kv_heads,
+    head_dim]; block_tables [num_seqs, max_blocks] int32; context_lens [num_seqs] int32;
+    query_start_loc [num_seqs + 1] int32; scale already includes log2(e). Returns 0, or an
+    _ERRORS code without touching out."""
+    err = _check(block_tables, context_lens, query_start_loc, q.shape[0] // num_heads,
+                 k.shape[0] // (block_size * num_kv_heads), block_size)
+    if err:
+        return err
+    items, order, bounds, merges, npart = _plan(context_lens, query_start_loc, num_heads,
+                                                num_kv_heads, block_size, nthreads)
+    dim = q.shape[1]
+    part_m = np.empty(max(npart, 1) * ALL_HEADS_ROWS, np.float32)
+    part_l = np.empty(max(npart, 1) * ALL_HEADS_ROWS, np.float32)
+    part_acc = np.empty((max(npart, 1) * ALL_HEADS_ROWS, dim), np.float32)
+    scale32 = np.float32(scale)
+
+    for t in prange(nthreads):
+        # The body is a separate function so that the parfor passes (slow: they analyse every
+        # statement of the loop body) see one call; it halves the cold compile time.
+        _thread(t, out, q, k, v, block_tables, context_lens, query_start_loc, num_heads,
+                num_kv_heads, block_size, scale32, items, order, bounds, part_m, part_l, part_acc)
+
+    _merge(out, part_m, part_l, part_acc, merges, query_start_loc, num_heads, num_kv_heads)
+    return 0
+
+
+def attention(out: np.ndarray, query: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+              block_tables: np.ndarray, context_lens: np.ndarray, query_start_loc: np.ndarray,
+              scale: float, nthreads: int | None = None) -> None:
+    """Paged causal attention for chunks of new tokens (decode = chunks of one).
+
+    nthreads: how many shares to plan for (default: Numba's thread count; tests vary it).
+
+    out, query: [num_tokens, num_heads, head_dim]; caches: [num_blocks, block_size,
+    num_kv_heads, head_dim]; float32 or int16 (bfloat16 bits), all the same dtype.
+    """
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    err = _attention(out.reshape(-1, head_dim), query.reshape(-1, head_dim),
+                     k_cache.reshape(-1, head_dim), v_cache.reshape(-1, head_dim), block_tables,
+                     context_lens, query_start_loc, num_heads, num_kv_heads, block_size,
+                     float(scale) * _LOG2E,
+                     nthreads or numba.get_num_threads())
+    if err:
+        raise ValueError(_ERRORS[err])
+
+
+@njit(cache=True)
+def _write_kv(key, value, k, v, slot_mapping, num_kv_heads):
+    """key, value: [num_tokens * num_kv_heads, head_dim]; k, v: [num_slots * num_kv_heads,
+    head_dim]; a bit copy, so it serves float32 and bfloat16 (int16) alike. Serial: a step writes
+    at most a few MB, and waking the pool costs more than the copy for decode batches.
+    Returns the index of the first token whose slot is out of range (nothing written), or -1."""
+    num_slots = k.shape[0] // num_kv_heads
+    for t in range(slot_mapping.shape[0]):
+        if slot_mapping[t] >= num_slots:
+            return t
+    for t in range(slot_mapping.shape[0]):
+        slot = slot_mapping[t]
+        if slot < 0:
+            continue
+        # Explicit loops: slice assignment pulls in Numba's broadcasting and error-message
+        # machinery, seconds of compile time for a plain copy.
+        for h in range(num_kv_heads):
+            for d in range(k.shape[1]):
+                k[slot * num_kv_heads + h, d] = key[t * num_kv_heads + h, d]
+                v[slot * num_kv_heads + h, d] = value[t * num_kv_heads + h, d]
+    return -1
+
+
+def write_kv_cache(key: np.ndarray, value: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                   slot_mapping: np.ndarray) -> None:
+    """key/value [num_tokens, num_kv_heads, head_dim] into caches [num_blocks, block_size,
+    num_kv_heads, head_dim] at slot_mapping [num_tokens] (-1 = skip)."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    bad = _write_kv(key.reshape(-1, head_dim), value.reshape(-1, head_dim),
+                    k_cache.reshape(-1, head_dim), v_cache.reshape(-1, head_dim), slot_mapping,
+                    num_kv_heads)
+    if bad >= 0:
+        raise ValueError(f"slot_mapping[{bad}] = {int(slot_mapping[bad])} is outside the cache's "
+                         f"{k_cache.shape[0] * k_cache.shape[1]} slots")
+
+
+@njit(cache=True)
+def _copy_blocks(k, v, src, dst):
+    """k, v: [num_blocks, block_size * num_kv_heads * head_dim]; src, dst: [n] int64.
+    Returns the first i with a block id out of range (nothing copied), or -1."""
+    for i in range(src.shape[0]):
+        if src[i] < 0 or src[i] >= k.shape[0] or dst[i] < 0 or dst[i] >= k.shape[0]:
+            return i
+    for i in range(src.shape[0]):
+        for x in range(k.shape[1]):
+            k[dst[i], x] = k[src[i], x]
+            v[dst[i], x] = v[src[i], x]
+    return -1
+
+
+def copy_blocks(k_cache: np.ndarray, v_cache: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+    """Copy whole blocks src[i] -> dst[i] in both caches (copy-on-write of a shared block)."""
+    nb = k_cache.shape[0]
+    bad = _copy_blocks(k_cache.reshape(nb, -1), v_cache.reshape(nb, -1), src, dst)
+    if bad >= 0:
+        raise ValueError(f"src[{bad}] = {int(src[bad])} or dst[{bad}] = {int(dst[bad])} is not a "
+                         f"block id in 0..{nb - 1}")
+
+
+def warmup(dtype: str | np.dtype = "float32") -> None:
+    """Compile (or load from the cache) every kernel for one cache dtype ("float32", or
+    "bfloat16" / int16 bits) with the exact argument types the dispatcher passes."""
+    np_dtype = np.int16 if str(dtype) in ("bfloat16", "torch.bfloat16", "int16") else np.float32
+    nkv, dim, bs = 1, 8, 8
+    k = np.zeros((2, bs, nkv, dim), np_dtype)
+    v = np.zeros_like(k)
+    x = np.zeros((2, nkv, dim), np_dtype)
+    write_kv_cache(x, x, k, v, np.array([0, -1], np.int64))
+    copy_blocks(k, v, np.array([0], np.int64), np.array([1], np.int64))
+    tables = np.array([[0, 1]], np.int32)
+    # Two tokens of one sequence: exercises the split path on a multi-threaded pool too.
+    attention(np.zeros((2, nkv, dim), np_dtype), np.zeros((2, nkv, dim), np_dtype), k, v, tables,
+              np.array([2 * bs], np.int32), np.array([0, 2], np.int32), 1.0)
