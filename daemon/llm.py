@@ -95,10 +95,10 @@ class LLM:
             self.model, self.load_stats = load_model(path, dtype, device)
             self.tokenizer = Tokenizer.from_hf_dir(path)
         else:
-            reader = open_gguf(path)
-            self.model, self.load_stats = load_model(path, dtype, device, gguf_reader=reader)
-            self.tokenizer = Tokenizer.from_gguf_reader(reader)
-            del reader  # releases the file mapping: the weights are copies
+            gguf = open_gguf(path)
+            self.model, self.load_stats = load_model(path, dtype, device, gguf=gguf)
+            self.tokenizer = Tokenizer.from_gguf_reader(gguf)
+            del gguf  # releases the file mapping: the weights are copies
         self.max_model_len = min(max_model_len or self.model.config.max_position, self.model.config.max_position)
         self.max_num_batched_tokens = max_num_batched_tokens
         self._backend: Backend

@@ -9,24 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import psutil
 import torch
 
 from .kv_storage import PagedKVCache, PagedStep, peak_rss, reset_peak_rss
 from .models.llama import LlamaModel
+from .sequence import SeqChunk
 
 log = logging.getLogger("inflightd.runner")
-
-
-@dataclass(frozen=True)
-class SeqChunk:
-    token_ids: Sequence[int]  # the new tokens fed this step (a prefill chunk, or one decode token)
-    start_pos: int  # position of token_ids[0]; the context holds start_pos + len(token_ids) tokens after the step
-    slots: Sequence[int]  # [len(token_ids)] cache slots for their K/V
-    block_table: Sequence[int]  # physical blocks of the whole sequence so far
-    sample: bool  # logits wanted for the last token (a prompt's last chunk, or a decode step)
 
 
 class ModelRunner:
@@ -103,7 +94,7 @@ def measure_activation_peak(model: LlamaModel, num_tokens: int, block_size: int)
     runner = ModelRunner(model, kv)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (num_tokens,), generator=g).tolist()
-    chunk = SeqChunk(tokens, 0, list(range(num_tokens)), list(range(blocks)), True)
+    chunk = SeqChunk(0, tokens, 0, list(range(num_tokens)), list(range(blocks)), True)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

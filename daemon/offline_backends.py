@@ -12,8 +12,9 @@ from typing import Protocol
 import torch
 
 from .kv_cache import BlockManager
-from .model_runner import ModelRunner, SeqChunk
+from .model_runner import ModelRunner
 from .models.llama import ContiguousKVCache, LlamaModel
+from .sequence import SeqChunk
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class PagedBackend:
             else:
                 slots = bm.append_slots(w.seq_id, w.token_ids)
             self._promised[w.seq_id] -= len(bm.block_table(w.seq_id)) - before
-            chunks.append(SeqChunk(w.token_ids, w.start_pos, slots, bm.block_table(w.seq_id), w.sample))
+            chunks.append(SeqChunk(w.seq_id, w.token_ids, w.start_pos, slots, bm.block_table(w.seq_id), w.sample))
         return self.runner.execute(chunks, bm.take_pending_copies())
 
     def release(self, seq_id: int) -> None:

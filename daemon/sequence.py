@@ -1,6 +1,6 @@
 """A request's life inside the engine: its tokens, how far the cache holds them, its status.
-Pure Python, shared by the scheduler (which decides what runs) and the engine (which appends
-sampled tokens and decides when a sequence is finished)."""
+Pure Python, shared by the scheduler (which decides what runs and is the only code that changes
+a Sequence) and the engine (which decides when a sequence is finished)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .bpe import DEFAULT_CACHE_SIZE, NOT_ALPHABET_RE, BytePairEncoder, spell, unspell
 from .pretokenizer import SUPPORTED_GGUF_PRE, PreTokenizer
@@ -39,9 +39,6 @@ from .tokenizer_loader import (
 )
 from .unicode_regex import WHITE_SPACE, WHITE_SPACE_CHARS, class_body
 from .unicode_regex import unicode_tables as _unicode  # noqa: F401  (benchmarks/tokenizer.py warms it)
-
-if TYPE_CHECKING:  # gguf is imported lazily: only the GGUF loaders need it
-    import gguf
 
 # The constants were always importable from here; listing them keeps them exported for mypy.
 __all__ = ["DEFAULT_CACHE_SIZE", "SUPPORTED_GGUF_PRE", "TOKEN_BYTE", "TOKEN_CONTROL", "TOKEN_NORMAL",
@@ -173,17 +170,18 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Tokenizer:
         """Read the tokenizer from a GGUF file's metadata."""
-        import gguf
+        from .models.gguf_file import GGUFFile
 
         try:
-            reader = gguf.GGUFReader(os.fspath(path), "r")
+            reader = GGUFFile(path)
         except (OSError, ValueError) as exc:
             raise TokenizerError(f"cannot read GGUF file {os.fspath(path)!r}: {exc}") from exc
         return cls.from_gguf_reader(reader, **kwargs)
 
     @classmethod
-    def from_gguf_reader(cls, reader: gguf.GGUFReader, **kwargs: Any) -> Tokenizer:
-        """Build from an open `gguf.GGUFReader`, so the weight loader can share one reader."""
+    def from_gguf_reader(cls, reader: Any, **kwargs: Any) -> Tokenizer:
+        """Build from an open GGUF file (`inflightd.models.gguf_file.GGUFFile` or a
+        `gguf.GGUFReader`), so the weight loader and the tokenizer share one parse."""
         return cls(**gguf_tokenizer_args(reader), **kwargs)
 
     @classmethod

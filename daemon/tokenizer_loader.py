@@ -12,13 +12,10 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from .pretokenizer import GGUF_PRE, GPT2, PREFIX_SPACE, SUPPORTED_GGUF_PRE
 from .tokenizer_error import TokenizerError
-
-if TYPE_CHECKING:  # gguf is imported lazily: only the GGUF loader needs it
-    import gguf
 
 __all__ = ["TOKEN_BYTE", "TOKEN_CONTROL", "TOKEN_NORMAL", "TOKEN_UNKNOWN", "TOKEN_UNUSED",
            "TOKEN_USER_DEFINED", "UnicodeForm", "gguf_tokenizer_args", "hf_tokenizer_args"]
@@ -36,13 +33,20 @@ TOKEN_BYTE = 6
 UnicodeForm = Literal["NFC", "NFD", "NFKC", "NFKD"]  # a tokenizer.json normalizer we support
 
 
-def gguf_tokenizer_args(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """`Tokenizer` keyword arguments from an open GGUF file's metadata."""
-    fields = reader.fields
+def gguf_tokenizer_args(reader: Any) -> dict[str, Any]:
+    """`Tokenizer` keyword arguments from an open GGUF file's metadata (inflightd's `GGUFFile`,
+    or a `gguf.GGUFReader`)."""
+    metadata = getattr(reader, "metadata", None)
+    if metadata is not None:  # inflightd's GGUFFile: values already decoded
 
-    def get(key: str, default: Any = None) -> Any:
-        field = fields.get(key)
-        return default if field is None else _field_value(field, key)
+        def get(key: str, default: Any = None) -> Any:
+            return metadata.get(key, default)
+    else:  # a gguf.GGUFReader
+        fields = reader.fields
+
+        def get(key: str, default: Any = None) -> Any:
+            field = fields.get(key)
+            return default if field is None else _field_value(field, key)
 
     model = get("tokenizer.ggml.model")
     if model is None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, ModelConfigError
+from .gguf_file import GGUFFile
 from .llama import LayerWeights, LlamaModel, LlamaWeights
 
 log = logging.getLogger("inflightd.loader")
@@ -106,42 +107,26 @@ def _assemble(config: ModelConfig, get: GetTensor, dtype: torch.dtype, device: t
 
 
 # ---------------------------------------------------------------------------------------- GGUF
-def gguf_metadata(reader: Any) -> dict[str, Any]:
-    """All key/values of a GGUFReader except the big tokenizer arrays, decoded to Python values."""
-    skip = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores"}
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in skip:
-            meta[key] = range(len(field.data))  # only the length is wanted here
-            continue
-        meta[key] = field.contents()
-    return meta
-
-
-def open_gguf(path: str | os.PathLike[str]) -> Any:
-    """A gguf.GGUFReader. Opening one parses every metadata array in Python (seconds for a
-    49k-token vocabulary), so the loader and the tokenizer share a single reader."""
-    import gguf
-
+def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+    """Parse a GGUF file's header once; the loader and the tokenizer share the result."""
     try:
-        return gguf.GGUFReader(str(path))
+        return GGUFFile(path)
     except (ValueError, OSError) as exc:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
 def load_gguf(
-    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, reader: Any = None
+    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, gguf: GGUFFile | None = None
 ) -> tuple[ModelConfig, LlamaWeights]:
     from .dequant import dequantize
 
-    if reader is None:
-        reader = open_gguf(path)
-    meta = gguf_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
+    if gguf is None:
+        gguf = open_gguf(path)
+    tensors = gguf.tensors
     embd = tensors.get("token_embd.weight")
     if embd is None:
         raise ModelLoadError(f"{path}: no token_embd.weight tensor")
-    config = ModelConfig.from_gguf_metadata(meta, vocab_size=int(embd.shape[1]))
+    config = ModelConfig.from_gguf_metadata(gguf.metadata, vocab_size=embd.shape[0])
     config = replace(config, tie_word_embeddings="output.weight" not in tensors)
     permute = config.architecture == "llama"
 
@@ -149,8 +134,7 @@ def load_gguf(
         t = tensors.get(name)
         if t is None:
             return None
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        out = dequantize(t.data, t.tensor_type, shape, want)
+        out = dequantize(t.data, t.qtype, t.shape, want)
         if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
             out = _unpermute_qk(out, config.num_heads)
         elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
@@ -245,7 +229,11 @@ def load_hf_dir(
 
 # ----------------------------------------------------------------------------------- dispatch
 def load_model(
-    path: str | os.PathLike[str], dtype: str | torch.dtype = "float32", device: str = "cpu", *, gguf_reader: Any = None
+    path: str | os.PathLike[str],
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    *,
+    gguf: GGUFFile | None = None,
 ) -> tuple[LlamaModel, LoadStats]:
     """A .gguf file (optionally already opened with `open_gguf`) or a Hugging Face folder →
     a ready model, with how long it took."""
@@ -259,7 +247,7 @@ def load_model(
     if p.is_dir():
         config, weights = load_hf_dir(p, dtype, dev)
     elif p.is_file():
-        config, weights = load_gguf(p, dtype, dev, gguf_reader)
+        config, weights = load_gguf(p, dtype, dev, gguf)
     else:
         raise ModelLoadError(f"{p}: no such model file or folder")
     model = LlamaModel(config, weights)
