@@ -14,7 +14,7 @@ import psutil
 import torch
 
 from .kv_storage import PagedKVCache, PagedStep, peak_rss, reset_peak_rss
-from .models.llama import LlamaModel
+from .models.llama import ContiguousKVCache, LlamaModel
 from .sequence import SeqChunk
 
 log = logging.getLogger("inflightd.runner")
@@ -64,6 +64,9 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )
 
+    def release(self, seq_id: int) -> None:
+        """Nothing to do: the block manager owns the paged cache's memory."""
+
     def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
         """Run one step → logits [num_sampled, vocab] float32, in the order of the sampled chunks.
         `copies`: copy-on-write block copies (src, dst) to perform before any cache write."""
@@ -112,3 +115,29 @@ def measure_activation_peak(model: LlamaModel, num_tokens: int, block_size: int)
     elem = torch.empty((), dtype=model.dtype).element_size()
     per_token = (4 * cfg.hidden_size + 3 * cfg.intermediate_size + cfg.q_size + 2 * cfg.kv_size) * elem
     return int((num_tokens * per_token + cfg.vocab_size * 4) * scale)
+
+
+class ReferenceRunner:
+    """The oracle the paged path is checked against: per-sequence contiguous K/V and torch SDPA
+    (`ContiguousKVCache`), ignoring slots and block tables. Same `execute` contract as
+    `ModelRunner`; a chunk starting before a sequence's cached length (a recompute after
+    preemption) overwrites from there."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+        self.cache = ContiguousKVCache(model.config, model.dtype, model.device)
+
+    def execute(self, chunks: Sequence[SeqChunk], copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+        dev = self.model.device
+        for c in chunks:
+            self.cache.ensure(c.seq_id, c.start_pos, c.start_pos + len(c.token_ids))
+        step = self.cache.plan([c.seq_id for c in chunks], [len(c.token_ids) for c in chunks])
+        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.int64, device=dev)
+        pos = torch.cat([torch.arange(c.start_pos, c.start_pos + len(c.token_ids)) for c in chunks]).to(dev)
+        cache = self.cache
+        hidden = self.model.forward(ids, pos, lambda layer, q, k, v: cache.attend(step, layer, q, k, v))
+        rows = [step.query_start[i + 1] - 1 for i, c in enumerate(chunks) if c.sample]
+        return self.model.logits(hidden[torch.tensor(rows, dtype=torch.int64, device=dev)])
+
+    def release(self, seq_id: int) -> None:
+        self.cache.free(seq_id)

@@ -1,19 +1,16 @@
 """The default model on the paged KV cache and the Numba CPU kernels against the contiguous
-reference path: identical greedy continuations (whole prompts, chunked prefill, a cache so small
-that admission must wait), and prefix reuse."""
+reference runner (torch SDPA): identical greedy continuations with whole prompts, with chunked
+prefill, and with a cache so small that sequences are preempted and recomputed; prefix reuse."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 
 from inflightd import LLM, SamplingParams
-from inflightd.kv_cache import BlockManager
 from inflightd.kv_storage import PagedKVCache
-from inflightd.model_runner import ModelRunner
-from inflightd.offline_backends import PagedBackend, ReferenceBackend
+from inflightd.scheduler import RequestTooLongError
 
 PROMPTS = [
     "The capital of France is",
@@ -31,10 +28,15 @@ def paged(default_gguf: Path) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def reference_tokens(paged: LLM) -> list[list[int]]:
-    ref = copy.copy(paged)  # same weights and tokenizer, contiguous reference cache
-    ref._backend = ReferenceBackend(paged.model)
-    return [o.token_ids for o in ref.generate(PROMPTS, GREEDY)]
+def reference_tokens(default_gguf: Path) -> list[list[int]]:
+    ref = LLM(model=str(default_gguf), dtype="float32", attention="reference", kv_cache_memory=256 << 20)
+    tokens = [o.token_ids for o in ref.generate(PROMPTS, GREEDY)]
+    ref.close()
+    return tokens
+
+
+def blocks_bytes(llm: LLM, n: int) -> int:
+    return n * PagedKVCache.bytes_per_block(llm.model.config, 16, llm.model.dtype)
 
 
 def test_paged_greedy_equals_reference(paged: LLM, reference_tokens: list[list[int]]) -> None:
@@ -44,42 +46,37 @@ def test_paged_greedy_equals_reference(paged: LLM, reference_tokens: list[list[i
     assert paged.block_manager.usage == 0.0
 
 
-def test_chunked_prefill_equals_reference(paged: LLM, reference_tokens: list[list[int]]) -> None:
-    chunked = copy.copy(paged)
-    chunked.max_num_batched_tokens = 7  # every prompt is split over several steps, mixed with decodes
-    outs = chunked.generate(PROMPTS, GREEDY)
+def test_chunked_prefill_equals_reference(default_gguf: Path, reference_tokens: list[list[int]]) -> None:
+    # a 16-token budget splits every prompt over steps, mixed with the others' decodes
+    llm = LLM(model=str(default_gguf), max_num_batched_tokens=16, max_num_seqs=8, kv_cache_memory=64 << 20)
+    outs = llm.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == reference_tokens
+    assert llm.engine.stats.steps > 32  # one prefill step + 31 decode steps without chunking
+    llm.close()
 
 
 def test_prefix_hit_gives_same_tokens(paged: LLM) -> None:
     long_prompt = "Summarise the following text in one sentence. " * 8 + "The end."
     first = paged.generate([long_prompt], GREEDY)[0]
     again = paged.generate([long_prompt], GREEDY)[0]
+    assert first.cached_tokens == 0
     assert again.cached_tokens > 0
     assert again.cached_tokens % paged.block_manager.block_size == 0
     assert again.token_ids == first.token_ids
     paged.block_manager.integrity_check()
 
 
-def with_cache(llm: LLM, num_blocks: int, block_size: int = 16) -> tuple[LLM, BlockManager]:
-    """A copy of `llm` on a KV cache of its own with `num_blocks` blocks."""
-    kv = PagedKVCache(llm.model.config, num_blocks, block_size, llm.model.dtype, llm.model.device)
-    blocks = BlockManager(num_blocks, block_size)
-    other = copy.copy(llm)
-    other._backend = PagedBackend(ModelRunner(llm.model, kv), blocks)
-    return other, blocks
-
-
-def test_small_cache_waits_for_room(paged: LLM, reference_tokens: list[list[int]]) -> None:
-    # room for about two sequences at a time: the others are admitted as blocks free up
-    small, blocks = with_cache(paged, 12)
-    outs = small.generate(PROMPTS, GREEDY)
+def test_small_cache_preempts_and_recomputes(default_gguf: Path, reference_tokens: list[list[int]]) -> None:
+    probe = LLM(model=str(default_gguf), attention="reference", kv_cache_memory=1 << 20)
+    per_block = blocks_bytes(probe, 1)
+    probe.close()
+    # 12 blocks = 192 tokens for five sequences of up to ~55 tokens: they cannot all grow at once
+    llm = LLM(model=str(default_gguf), kv_cache_memory=12 * per_block)
+    outs = llm.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == reference_tokens
-    blocks.integrity_check()
-    assert blocks.num_free_blocks == 12
-
-
-def test_prompt_beyond_the_cache_is_refused(paged: LLM) -> None:
-    tiny, _ = with_cache(paged, 2)
-    with pytest.raises(ValueError, match="KV blocks"):
-        tiny.generate(["word " * 40], SamplingParams(max_tokens=8))
+    assert llm.engine.scheduler.stats.num_preemptions > 0
+    llm.block_manager.integrity_check()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    with pytest.raises(RequestTooLongError, match="KV cache"):
+        llm.generate(["word " * 200], SamplingParams(max_tokens=8))
+    llm.close()

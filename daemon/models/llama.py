@@ -179,6 +179,23 @@ class ContiguousKVCache:
         self._v[seq_id] = torch.empty(shape, dtype=self.dtype, device=self.device)
         self._len[seq_id] = 0
 
+    def ensure(self, seq_id: int, start: int, end: int) -> None:
+        """Make room for positions [start, end) of a sequence (created on first use, grown by
+        doubling) and forget what was cached from `start` on."""
+        if seq_id not in self._len:
+            self.add_sequence(seq_id, max(end, 64))
+        cap = self._k[seq_id].shape[1]
+        if end > cap:
+            new = max(end, 2 * cap)
+            for d in (self._k, self._v):
+                old = d[seq_id]
+                grown = old.new_empty((old.shape[0], new, *old.shape[2:]))
+                grown[:, :cap] = old
+                d[seq_id] = grown
+        if start > self._len[seq_id]:
+            raise ValueError(f"sequence {seq_id}: chunk starts at {start}, but only {self._len[seq_id]} cached")
+        self._len[seq_id] = start
+
     def free(self, seq_id: int) -> None:
         for d in (self._k, self._v, self._len):
             d.pop(seq_id, None)
