@@ -123,7 +123,8 @@ def code(rng: random.Random, size: int) -> str:
                 depth -= 1
                 lines.append(f"{'    ' * depth}{_ident(rng)} += {rng.randint(1, 16)} * len({_ident(rng)})")
             else:
-                lines.append(f"{pad}{_ident(rng)} = [{_ident(rng)} for {_ident(rng)} in {_ident(rng)} if {_ident(rng)}]")
+                a, b, c, d = (_ident(rng) for _ in range(4))
+                lines.append(f"{pad}{a} = [{b} for {b} in {c} if {d}]")
         lines.append(f"    return {_ident(rng)}\n\n")
         out.append("\n".join(lines))
         total += len(out[-1]) + 1

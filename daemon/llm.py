@@ -25,7 +25,7 @@ from .model_runner import ModelRunner, ReferenceRunner, measure_activation_peak
 from .models.llama import LlamaModel
 from .models.loader import LoadStats, load_model, open_gguf
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import KVPolicy, Scheduler, SchedulerConfig
 from .store import resolve_model
 from .tokenizer import Tokenizer
 
@@ -62,7 +62,7 @@ class LLM:
         kv_cache_memory: int | str = "auto",
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 64,
-        kv_policy: str = "recompute",
+        kv_policy: KVPolicy = "recompute",
         prefix_caching: bool = True,
     ) -> None:
         """`attention`: "paged" (the paged cache and Numba kernels, as the daemon runs) or

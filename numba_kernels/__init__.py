@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     try:
-        from numba.np.ufunc import omppool  # noqa: F401  (is the OpenMP pool available?)
+        from numba.np.ufunc import omppool  # type: ignore[attr-defined]  # noqa: F401  (OpenMP pool available?)
 
         numba.config.THREADING_LAYER = "omp"
     except ImportError:

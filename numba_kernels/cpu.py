@@ -492,7 +492,7 @@ def copy_blocks(k_cache: np.ndarray, v_cache: np.ndarray, src: np.ndarray, dst: 
                          f"block id in 0..{nb - 1}")
 
 
-def warmup(dtype: str | np.dtype = "float32") -> None:
+def warmup(dtype: object = "float32") -> None:
     """Compile (or load from the cache) every kernel for one cache dtype ("float32", or
     "bfloat16" / int16 bits) with the exact argument types the dispatcher passes."""
     np_dtype = np.int16 if str(dtype) in ("bfloat16", "torch.bfloat16", "int16") else np.float32

@@ -44,13 +44,13 @@ PAD = 4  # extra zeroed entries per head's probability row: the V loop reads 4 p
 
 if SIMULATOR:
 
-    def to_f32(x):  # type: ignore[no-redef]
+    def to_f32(x):
         """Element -> float32 (int16 = bfloat16 bits)."""
         if isinstance(x, np.int16):
             return np.array([(int(x) & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0]
         return np.float32(x)
 
-    def from_f32(v, arr):  # type: ignore[no-redef]
+    def from_f32(v, arr):
         """float32 -> the element type of `arr` (int16 = bfloat16 bits, round to nearest even)."""
         if arr.dtype == np.int16:
             f = np.float32(v)

@@ -20,14 +20,6 @@ import pytest
 import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from inflightd.bpe import BYTE_TO_CHAR, spell
-from inflightd.pretokenizer import DEFAULT, GGUF_PRE, GPT2, PreTokenizer
-from inflightd.tokenizer import (
-    SUPPORTED_GGUF_PRE,
-    IncrementalDetokenizer,
-    Tokenizer,
-    TokenizerError,
-)
 from tokenizers import (
     AddedToken,
     Regex,
@@ -38,6 +30,15 @@ from tokenizers import (
     processors,
 )
 from tokenizers import Tokenizer as HFTokenizer
+
+from inflightd.bpe import BYTE_TO_CHAR, spell
+from inflightd.pretokenizer import DEFAULT, GGUF_PRE, GPT2, PreTokenizer
+from inflightd.tokenizer import (
+    SUPPORTED_GGUF_PRE,
+    IncrementalDetokenizer,
+    Tokenizer,
+    TokenizerError,
+)
 
 N_GENERATED = 2500
 SPECIAL_TEXTS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<repo_name>", "<filename>"]
@@ -597,10 +598,11 @@ def test_from_hf_dir_other_layouts(tmp_path: Path, vocab_and_merges: Any, texts:
     llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
     qwen2 = llama3.replace(r"\p{N}{1,3}", r"\p{N}")
-    split_then_bytes = lambda pattern: pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    def split_then_bytes(pattern):
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     config: dict[str, Any] = {"eos_token": "<|endoftext|>"}
     if layout == "llama3":
         ref = _build_hf(vocab, merges, split_then_bytes(llama3), ignore_merges=True)
