@@ -1,6 +1,7 @@
-"""Load time, peak RSS while loading, and single-stream greedy decode speed of the reference
-loop, for the default model in float32 and bfloat16. Each dtype runs in a fresh subprocess so
-that peak RSS belongs to that load alone.
+"""Load time, peak RSS while loading, and single-stream greedy decode speed, for the default
+model in float32 and bfloat16, on the paged path (Numba kernels) and on the reference runner
+(contiguous cache, torch SDPA). Each case runs in a fresh subprocess so that peak RSS belongs
+to that load alone.
 
     .venv/bin/python benchmarks/model.py [--model default] [--tokens 128]
 """
@@ -13,13 +14,20 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import psutil, torch
 from inflightd import LLM, SamplingParams
-model, dtype, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from inflightd.models.loader import load_model
+from inflightd.kv_storage import peak_rss
+model, dtype, n, attention = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 rss0 = psutil.Process().memory_info().rss
-llm = LLM(model=model, dtype=dtype)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from inflightd.store import resolve_model
+load_model(resolve_model(model), dtype)  # the load alone, for its peak RSS
+peak = peak_rss()  # VmHWM: ru_maxrss would carry the parent's peak over fork+exec
+import gc; gc.collect()
+t0 = time.perf_counter()
+llm = LLM(model=model, dtype=dtype, attention=attention, kv_cache_memory=1 << 30)
+init_s = time.perf_counter() - t0
 prompt = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 p = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 llm.chat(prompt, SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
@@ -27,7 +35,8 @@ t = time.perf_counter()
 out = llm.chat(prompt, p)
 wall = time.perf_counter() - t
 print(json.dumps(dict(
-    dtype=dtype, load_s=llm.load_stats.seconds, weights_mb=llm.load_stats.weight_bytes / 1e6,
+    attention=attention, dtype=dtype, load_s=llm.load_stats.seconds, init_s=init_s,
+    weights_mb=llm.load_stats.weight_bytes / 1e6,
     load_peak_over_base_mb=(peak - rss0) / 1e6, peak_rss_mb=peak / 1e6,
     prompt_tokens=len(out.prompt_token_ids), ttft_ms=out.ttft_s * 1e3, tpot_ms=out.tpot_s * 1e3,
     decode_tok_s=1.0 / out.tpot_s, e2e_tok_s=len(out.token_ids) / wall, threads=torch.get_num_threads(),

@@ -15,13 +15,15 @@ from inflightd.models.config import ModelConfigError
 from inflightd.models.loader import ModelLoadError, load_model
 
 MEASURE = r"""
-import json, resource, sys
+import json, sys
 import psutil, torch
+from inflightd.kv_storage import peak_rss
 from inflightd.models.loader import load_model
 base = psutil.Process().memory_info().rss
 model, stats = load_model(sys.argv[1], sys.argv[2])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"extra": peak - base, "weights": stats.weight_bytes, "dtype": str(model.dtype)}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so the child would report the
+# (much larger) pytest process's peak.
+print(json.dumps({"extra": peak_rss() - base, "weights": stats.weight_bytes, "dtype": str(model.dtype)}))
 """
 
 
