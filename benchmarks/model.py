@@ -15,6 +15,7 @@ import sys
 
 CHILD = r"""
 import json, sys, time
+import inflightd  # first: it sets OMP_WAIT_POLICY before torch loads its OpenMP
 import psutil, torch
 from inflightd import LLM, SamplingParams
 from inflightd.models.loader import load_model
