@@ -51,27 +51,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     args = ap.parse_args()
     rows = []
-    for dtype in ("float32", "bfloat16"):
-        out = subprocess.run(
-            [sys.executable, "-c", CHILD, args.model, dtype, str(args.tokens)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    cols = [
-        "dtype",
-        "load_s",
-        "weights_mb",
-        "load_peak_over_base_mb",
-        "peak_rss_mb",
-        "prompt_tokens",
-        "ttft_ms",
-        "tpot_ms",
-        "decode_tok_s",
-        "e2e_tok_s",
-        "threads",
-    ]
+    for attention in ("paged", "reference"):
+        for dtype in ("float32", "bfloat16"):
+            cmd = [sys.executable, "-c", CHILD, args.model, dtype, str(args.tokens), attention]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"<!-- {' '.join(sys.argv)} -->")
+    cols = ["attention", "dtype", "load_s", "init_s", "weights_mb", "load_peak_over_base_mb", "peak_rss_mb",
+            "prompt_tokens", "ttft_ms", "tpot_ms", "decode_tok_s", "e2e_tok_s", "threads"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -86,6 +86,8 @@ class LLM:
         num_blocks = plan_num_blocks(
             self.model.config, block_size, self.model.dtype, self.model.device, kv_cache_memory, peak
         )
+        # The reference runner keeps per-sequence buffers: it cannot serve a prefix-cache hit.
+        prefix_caching = prefix_caching and attention == "paged"
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
         runner: ModelRunner | ReferenceRunner
         if attention == "paged":

@@ -31,6 +31,8 @@ def paged(default_gguf: Path) -> LLM:
 def reference_tokens(default_gguf: Path) -> list[list[int]]:
     ref = LLM(model=str(default_gguf), dtype="float32", attention="reference", kv_cache_memory=256 << 20)
     tokens = [o.token_ids for o in ref.generate(PROMPTS, GREEDY)]
+    # a repeated prompt must not be offered prefix-cache hits the reference runner cannot serve
+    assert ref.generate(PROMPTS[:1], GREEDY)[0].token_ids == tokens[0]
     ref.close()
     return tokens
 
