@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .bpe import DEFAULT_CACHE_SIZE, NOT_ALPHABET_RE, BytePairEncoder, spell, unspell
+from .models.gguf_file import GGUFFile
 from .pretokenizer import SUPPORTED_GGUF_PRE, PreTokenizer
 from .tokenizer_error import TokenizerError
 from .tokenizer_loader import (
@@ -170,8 +171,6 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], **kwargs: Any) -> Tokenizer:
         """Read the tokenizer from a GGUF file's metadata."""
-        from .models.gguf_file import GGUFFile
-
         try:
             reader = GGUFFile(path)
         except (OSError, ValueError) as exc:
@@ -179,9 +178,8 @@ class Tokenizer:
         return cls.from_gguf_reader(reader, **kwargs)
 
     @classmethod
-    def from_gguf_reader(cls, reader: Any, **kwargs: Any) -> Tokenizer:
-        """Build from an open GGUF file (`inflightd.models.gguf_file.GGUFFile` or a
-        `gguf.GGUFReader`), so the weight loader and the tokenizer share one parse."""
+    def from_gguf_reader(cls, reader: GGUFFile, **kwargs: Any) -> Tokenizer:
+        """Build from an open `GGUFFile`, so the weight loader and the tokenizer share one parse."""
         return cls(**gguf_tokenizer_args(reader), **kwargs)
 
     @classmethod

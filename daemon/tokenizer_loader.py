@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from .models.gguf_file import GGUFFile
 from .pretokenizer import GGUF_PRE, GPT2, PREFIX_SPACE, SUPPORTED_GGUF_PRE
 from .tokenizer_error import TokenizerError
 
@@ -33,20 +34,9 @@ TOKEN_BYTE = 6
 UnicodeForm = Literal["NFC", "NFD", "NFKC", "NFKD"]  # a tokenizer.json normalizer we support
 
 
-def gguf_tokenizer_args(reader: Any) -> dict[str, Any]:
-    """`Tokenizer` keyword arguments from an open GGUF file's metadata (inflightd's `GGUFFile`,
-    or a `gguf.GGUFReader`)."""
-    metadata = getattr(reader, "metadata", None)
-    if metadata is not None:  # inflightd's GGUFFile: values already decoded
-
-        def get(key: str, default: Any = None) -> Any:
-            return metadata.get(key, default)
-    else:  # a gguf.GGUFReader
-        fields = reader.fields
-
-        def get(key: str, default: Any = None) -> Any:
-            field = fields.get(key)
-            return default if field is None else _field_value(field, key)
+def gguf_tokenizer_args(gguf: GGUFFile) -> dict[str, Any]:
+    """`Tokenizer` keyword arguments from an open GGUF file's (already decoded) metadata."""
+    get = gguf.metadata.get
 
     model = get("tokenizer.ggml.model")
     if model is None:
@@ -176,32 +166,6 @@ def hf_tokenizer_args(folder: Path) -> dict[str, Any]:
         normalizer=normalizer,
         strip_around=strip_around,
     )
-
-
-def _field_value(field: Any, key: str) -> Any:
-    """A GGUF metadata value as plain Python (str, int, bool, float or a list of them)."""
-    import gguf
-
-    types = field.types
-    if not types:
-        return None
-    parts, data = field.parts, field.data
-    try:
-        if types[0] == gguf.GGUFValueType.STRING:
-            return str(parts[data[0]].tobytes(), "utf-8")
-        if types[0] == gguf.GGUFValueType.ARRAY:
-            if types[-1] == gguf.GGUFValueType.STRING:
-                return [str(parts[i].tobytes(), "utf-8") for i in data]
-            if types[-1] == gguf.GGUFValueType.ARRAY:
-                raise TokenizerError(f"nested arrays in GGUF key {key} are not supported")
-            if not len(data):
-                return []
-            import numpy as np
-
-            return np.concatenate([parts[i] for i in data]).tolist()
-        return parts[data[0]].tolist()[0]
-    except UnicodeDecodeError as exc:
-        raise TokenizerError(f"GGUF key {key} holds a string that is not UTF-8: {exc}") from None
 
 
 def _split_merges(merges: Iterable[str]) -> list[tuple[str, str]]:

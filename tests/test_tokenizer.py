@@ -32,6 +32,7 @@ from tokenizers import (
 from tokenizers import Tokenizer as HFTokenizer
 
 from inflightd.bpe import BYTE_TO_CHAR, spell
+from inflightd.models.gguf_file import GGUFFile
 from inflightd.pretokenizer import DEFAULT, GGUF_PRE, GPT2, PreTokenizer
 from inflightd.tokenizer import (
     SUPPORTED_GGUF_PRE,
@@ -152,12 +153,12 @@ def has_number(text: str) -> bool:
 # ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gguf_reader(default_gguf: Path) -> gguf.GGUFReader:
-    return gguf.GGUFReader(str(default_gguf))
+def gguf_reader(default_gguf: Path) -> GGUFFile:
+    return GGUFFile(default_gguf)
 
 
 @pytest.fixture(scope="module")
-def ours(gguf_reader: gguf.GGUFReader) -> Tokenizer:
+def ours(gguf_reader: GGUFFile) -> Tokenizer:
     return Tokenizer.from_gguf_reader(gguf_reader)
 
 
@@ -212,7 +213,7 @@ def test_ids_match_hf_on_generated_strings(ours: Tokenizer, hf_ref: HFTokenizer,
 
 
 @pytest.mark.slow
-def test_cold_and_warm_cache_agree(gguf_reader: gguf.GGUFReader, hf_ref: HFTokenizer,
+def test_cold_and_warm_cache_agree(gguf_reader: GGUFFile, hf_ref: HFTokenizer,
                                    texts: list[str]) -> None:
     fresh = Tokenizer.from_gguf_reader(gguf_reader)
     for t in texts[:300]:
@@ -400,7 +401,7 @@ def test_bad_input_handling(ours: Tokenizer) -> None:
 
 
 @pytest.mark.slow
-def test_cache_is_bounded(gguf_reader: gguf.GGUFReader, hf_ref: HFTokenizer, texts: list[str]) -> None:
+def test_cache_is_bounded(gguf_reader: GGUFFile, hf_ref: HFTokenizer, texts: list[str]) -> None:
     small = Tokenizer.from_gguf_reader(gguf_reader, cache_size=32)
     for t in texts[:200]:
         assert small.encode(t) == hf_ids(hf_ref, t)
