@@ -75,6 +75,7 @@ class EngineOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None  # the engine failed this request (finish_reason "abort")
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (known once scheduled)
 
 
 Sink = Callable[[EngineOutput], None]
@@ -112,6 +113,20 @@ class StepStats:
         return 0.0 if self.step_s == 0 else 1.0 - self.model_s / self.step_s
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    num_waiting: int
+    num_running: int
+    num_blocks: int
+    num_free_blocks: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    num_preemptions: int
+    steps: int
+    last_progress: float
+    config: SchedulerConfig
+
+
 class Engine:
     def __init__(
         self,
@@ -128,6 +143,10 @@ class Engine:
         self.sampler = Sampler()
         self.stats = StepStats()
         self.error: BaseException | None = None
+        # Called on the engine thread once a step has failed and the requests in flight have
+        # had their terminal outputs (the daemon exits non-zero: a poisoned CUDA context does
+        # not heal, and systemd restarts a dead service, not one that serves errors).
+        self.on_error: Callable[[BaseException], None] | None = None
         self.last_progress = clock()  # for a watchdog: advances with every step
         self._cond = threading.Condition()
         self._requests: dict[int, _Request] = {}
@@ -198,6 +217,24 @@ class Engine:
             self.scheduler.update_config(config)
             self._cond.notify()
 
+    def snapshot(self) -> EngineSnapshot:
+        """A consistent view of the queues and the KV cache, for /metrics and /v1/status."""
+        with self._cond:
+            bm = self.scheduler.block_manager
+            st = self.scheduler.stats
+            return EngineSnapshot(
+                num_waiting=self.scheduler.num_waiting,
+                num_running=self.scheduler.num_running,
+                num_blocks=bm.num_blocks,
+                num_free_blocks=bm.num_free_blocks,
+                prefix_query_tokens=bm.num_prefix_query_tokens,
+                prefix_hit_tokens=bm.num_prefix_hit_tokens,
+                num_preemptions=st.num_preemptions,
+                steps=self.stats.steps,
+                last_progress=self.last_progress,
+                config=self.scheduler.next_config,
+            )
+
     @property
     def num_unfinished(self) -> int:
         with self._cond:
@@ -221,6 +258,8 @@ class Engine:
                 self._ids.clear()
             for r in reqs:
                 self._finish_output(r, FinishReason.ABORT, error=f"engine failure: {exc}")
+            if self.on_error is not None:
+                self.on_error(exc)
             return
         with self._cond:
             reqs = list(self._requests.values())
@@ -331,6 +370,7 @@ class Engine:
             delta,
             logprobs=lp[j : j + 1] if lp else None,
             top_logprobs=top[j : j + 1] if top else None,
+            cached_tokens=seq.num_cached_tokens,
         )
 
     def _final(
@@ -356,7 +396,10 @@ class Engine:
         usage = Usage(len(seq.prompt_token_ids), n, seq.num_cached_tokens)
         text = r.text[r.emitted :]
         r.emitted = len(r.text)
-        return EngineOutput(r.request_id, token_ids, text, True, reason.value, usage, timing, logprobs, top, error)
+        return EngineOutput(
+            r.request_id, token_ids, text, True, reason.value, usage, timing, logprobs, top, error,
+            seq.num_cached_tokens,
+        )
 
     def _finish_output(self, r: _Request, reason: FinishReason, error: str | None = None) -> None:
         if r.done:

@@ -122,16 +122,21 @@ def plan_num_blocks(
     block_size: int,
     dtype: torch.dtype,
     device: torch.device,
-    memory: int | str,
+    memory: int | float | str,
     activation_peak: int,
 ) -> int:
-    """Blocks for `kv_cache.memory`: a byte count, or "auto" = a share (AUTO_SHARE) of the memory
-    available now — weights already loaded — less the measured activation peak."""
+    """Blocks for `kv_cache.memory`: a byte count (int), a share in (0, 1] (float) of the memory
+    available now — weights already loaded — less the measured activation peak, or "auto" = the
+    device's default share (AUTO_SHARE)."""
     per_block = PagedKVCache.bytes_per_block(config, block_size, dtype)
     if memory == "auto":
         avail = available_memory(device) - activation_peak
         budget = int(max(avail, 0) * AUTO_SHARE.get(device.type, 0.5))
         how = f"auto: {AUTO_SHARE.get(device.type, 0.5):.0%} of {avail / 2**30:.2f} GiB available after activations"
+    elif isinstance(memory, float) and 0 < memory <= 1:
+        avail = available_memory(device) - activation_peak
+        budget = int(max(avail, 0) * memory)
+        how = f"{memory:.0%} of {avail / 2**30:.2f} GiB available after activations"
     elif isinstance(memory, int) and not isinstance(memory, bool) and memory > 0:
         budget, how = memory, "configured"
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,43 @@ from .tokenizer import Tokenizer
 log = logging.getLogger("inflightd.llm")
 
 Message = dict[str, Any]
+
+
+def resolve_device(device: str) -> str:
+    """"auto" → "cuda" when torch sees a GPU, else "cpu"."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16). Without it torch's bf16
+    matmuls convert to fp32 on the fly: measured 5–6.5× slower than fp32 at batch ≥ 8 on this
+    project's CPUs (benchmarks/matmul_dtype.py), which costs far more than the halved weight
+    traffic saves."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """"auto" → bfloat16 on a GPU that has it (else float16); on a CPU bfloat16 only with bf16
+    instructions, else float32 (see `cpu_has_bf16`)."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 @dataclass
@@ -59,14 +96,25 @@ class LLM:
         *,
         attention: str = "paged",
         block_size: int = 16,
-        kv_cache_memory: int | str = "auto",
+        kv_cache_memory: int | float | str = "auto",
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 64,
         kv_policy: KVPolicy = "recompute",
         prefix_caching: bool = True,
+        scheduler_config: SchedulerConfig | None = None,
     ) -> None:
         """`attention`: "paged" (the paged cache and Numba kernels, as the daemon runs) or
-        "reference" (contiguous per-sequence buffers and torch SDPA, the oracle for tests)."""
+        "reference" (contiguous per-sequence buffers and torch SDPA, the oracle for tests).
+        `device` and `dtype` may be "auto" (`resolve_device`, `resolve_dtype`).
+        `scheduler_config` (the daemon's) replaces max_num_seqs, max_num_batched_tokens and
+        kv_policy; its max_model_len is capped by the model's."""
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        if scheduler_config is not None:
+            max_num_seqs = scheduler_config.max_num_seqs
+            max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+            kv_policy = scheduler_config.kv_policy
+            max_model_len = scheduler_config.max_model_len
         path = resolve_model(model)
         self.model_path = path
         self.model: LlamaModel
@@ -97,14 +145,17 @@ class LLM:
             runner = ReferenceRunner(self.model)
         else:
             raise ValueError(f"attention must be 'paged' or 'reference', got {attention!r}")
-        config = SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_queue_delay_ms=0.0,  # offline: every prompt is there from the start
-            max_waiting=1 << 30,
-            kv_policy=kv_policy,
-            max_model_len=self.max_model_len,
-        )
+        if scheduler_config is not None:
+            config = replace(scheduler_config, max_model_len=self.max_model_len)
+        else:
+            config = SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_queue_delay_ms=0.0,  # offline: every prompt is there from the start
+                max_waiting=1 << 30,
+                kv_policy=kv_policy,
+                max_model_len=self.max_model_len,
+            )
         self.engine = Engine(runner, Scheduler(config, self.block_manager), self.tokenizer)
         self.engine.start()
         self._next_request = 0

@@ -199,6 +199,12 @@ class Scheduler:
         """The config in force (a pending `update_config` applies at the next `schedule`)."""
         return self._config
 
+    @property
+    def next_config(self) -> SchedulerConfig:
+        """The config from the next `schedule()` on: a pending `update_config`, else the one in
+        force. What a reload reports as applied."""
+        return self._next_config or self._config
+
     def update_config(self, config: SchedulerConfig) -> None:
         """Live reload: `config` applies from the next `schedule()`. Nothing in flight is lost:
         running sequences beyond a lowered `max_num_seqs` keep running, queued requests beyond

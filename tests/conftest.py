@@ -21,3 +21,14 @@ def default_gguf() -> Path:
     if not path.is_file():
         pytest.fail(f"default model not found at {path}: run `inflightd pull` first")
     return path
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path):  # noqa: ANN201
+    """One real `inflightd serve` (default model, float32, CPU) shared by the protocol tests."""
+    from daemon_util import start_daemon
+
+    d = start_daemon(tmp_path_factory.mktemp("daemon"))
+    yield d
+    rc = d.stop()
+    assert rc == 0, f"daemon exited {rc}; log:\n{d.log()}"

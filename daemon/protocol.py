@@ -1,0 +1,442 @@
+"""Wire shapes: parsing request bodies of the native msgpack route and the OpenAI-compatible
+routes into one `GenerateRequest`, and building the frames and JSON objects sent back.
+
+A leaf module (no aiohttp, no torch): every check raises `ProtocolError` with the HTTP status
+and a message naming the key, and the server maps it to a response in one place.
+
+Native (`POST /v1/generate`, msgpack): unknown keys and wrong types are refused. OpenAI routes:
+unknown keys are ignored, as OpenAI's own server and vLLM do (clients add fields freely), but a
+known field we do not implement (tools, n > 1, echo, …) is refused by name instead of being
+silently dropped, since the answer would not be what the client asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+NATIVE_STREAM_TYPE = "application/vnd.inflightd.stream+msgpack"
+MSGPACK_TYPE = "application/msgpack"
+
+
+class ProtocolError(Exception):
+    """A request the server refuses; `status` is the HTTP status, `type` OpenAI's error type."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.headers: dict[str, str] = {}
+
+
+def error_body(type: str, message: str, param: str | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"type": type, "message": message}
+    if param is not None:
+        err["param"] = param
+    return {"error": err}
+
+
+@dataclass
+class GenerateRequest:
+    """What any route asks of the engine, before tokenization.
+
+    Exactly one of `prompt` (text or token ids) and `messages` is set. `sampling` holds the
+    keyword arguments for `SamplingParams` except `max_tokens`, which is None when the client
+    left it to the server (the configured default, capped by the context left)."""
+
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    stream: bool = True
+    include_usage: bool = False
+    priority: int = 0
+    model: str | None = None
+    top_logprobs: int = 0  # OpenAI chat: how many alternatives per token when logprobs is on
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad(key: str, why: str, value: object) -> ProtocolError:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return ProtocolError(400, f"{key}: {why} (got {shown})", param=key)
+
+
+def _int(obj: Mapping[str, Any], key: str, *, low: int | None = None, high: int | None = None) -> int | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if not _is_int(v):
+        raise _bad(key, "must be an integer", v)
+    if (low is not None and v < low) or (high is not None and v > high):
+        bounds = f"≥ {low}" if high is None else f"in [{low}, {high}]"
+        raise _bad(key, f"must be {bounds}", v)
+    return int(v)
+
+
+def _num(obj: Mapping[str, Any], key: str) -> float | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if not _is_num(v):
+        raise _bad(key, "must be a number", v)
+    return float(v)
+
+
+def _bool(obj: Mapping[str, Any], key: str) -> bool | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, bool):
+        raise _bad(key, "must be true or false", v)
+    return v
+
+
+def _stop(obj: Mapping[str, Any], key: str = "stop", *, allow_str: bool = True) -> tuple[str, ...] | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if allow_str and isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
+        raise _bad(key, "must be a list of non-empty strings" + (" or one string" if allow_str else ""), v)
+    return tuple(v)
+
+
+def _token_ids(v: object, key: str) -> list[int]:
+    if not isinstance(v, list) or not all(_is_int(t) and t >= 0 for t in v):
+        raise _bad(key, "must be a list of non-negative integer token ids", v)
+    return [int(t) for t in v]
+
+
+def _messages(v: object, key: str = "messages") -> list[dict[str, Any]]:
+    if not isinstance(v, list) or not v:
+        raise _bad(key, "must be a non-empty list of {role, content} maps", v)
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(v):
+        where = f"{key}[{i}]"
+        if not isinstance(m, Mapping):
+            raise _bad(where, "must be a map with role and content", m)
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise _bad(f"{where}.role", "must be a non-empty string", role)
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI's content parts: text only
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, Mapping) else part
+                    raise ProtocolError(
+                        400, f"{where}.content[{j}]: only text parts are supported (got {kind!r})",
+                        param=f"{where}.content",
+                    )
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise _bad(f"{where}.content", "must be a string or a list of text parts", content)
+        if m.get("tool_calls") or role in ("tool", "function"):
+            raise ProtocolError(400, f"{where}: tool calls are not supported", param=where)
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if isinstance(m.get("name"), str):
+            entry["name"] = m["name"]
+        out.append(entry)
+    return out
+
+
+def _common_sampling(obj: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """Keys shared by all routes, with the same meaning: into SamplingParams kwargs."""
+    for key in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        v = _num(obj, key)
+        if v is not None:
+            out[key] = v
+    top_k = _int(obj, "top_k", low=-1)
+    if top_k is not None:
+        out["top_k"] = max(top_k, 0)  # vLLM's -1 means off, as our 0 does
+    seed = _int(obj, "seed")
+    if seed is not None:
+        out["seed"] = seed
+    ignore_eos = _bool(obj, "ignore_eos")
+    if ignore_eos is not None:
+        out["ignore_eos"] = ignore_eos
+    if obj.get("stop_token_ids") is not None:
+        out["stop_token_ids"] = tuple(_token_ids(obj["stop_token_ids"], "stop_token_ids"))
+
+
+# ---------------------------------------------------------------------------------- native
+
+NATIVE_KEYS = frozenset(
+    {
+        "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+        "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids", "priority", "stream",
+        # extensions beyond DESIGN.md's list
+        "ignore_eos", "logprobs",
+    }
+)
+
+
+def parse_native(obj: object) -> GenerateRequest:
+    if not isinstance(obj, Mapping):
+        raise ProtocolError(400, f"the body must be one msgpack map, got {type(obj).__name__}")
+    for key in obj:
+        if key not in NATIVE_KEYS:
+            raise ProtocolError(400, f"{key!r}: unknown key (known: {', '.join(sorted(NATIVE_KEYS))})", param=str(key))
+    req = GenerateRequest()
+    _prompt_or_messages(obj, req)
+    req.max_tokens = _int(obj, "max_tokens", low=1)
+    _common_sampling(obj, req.sampling)
+    stop = _stop(obj, allow_str=False)
+    if stop is not None:
+        req.sampling["stop"] = stop
+    logprobs = _int(obj, "logprobs", low=0, high=20)
+    if logprobs is not None:
+        req.sampling["logprobs"] = logprobs
+    req.priority = _int(obj, "priority") or 0
+    stream = _bool(obj, "stream")
+    req.stream = True if stream is None else stream
+    return req
+
+
+def _prompt_or_messages(obj: Mapping[str, Any], req: GenerateRequest) -> None:
+    has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
+    if has_prompt == has_messages:
+        raise ProtocolError(400, "give exactly one of 'prompt' (text or token ids) and 'messages'", param="prompt")
+    if has_messages:
+        req.messages = _messages(obj["messages"])
+        return
+    p = obj["prompt"]
+    if isinstance(p, str):
+        if not p:
+            raise _bad("prompt", "must not be empty", p)
+        req.prompt = p
+    else:
+        ids = _token_ids(p, "prompt")
+        if not ids:
+            raise _bad("prompt", "must not be empty", p)
+        req.prompt = ids
+
+
+def native_start(request_id: str, prompt_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"type": "start", "id": request_id, "prompt_tokens": prompt_tokens, "cached_tokens": cached_tokens}
+
+
+def native_delta(text: str, token_ids: list[int], logprobs: list[float] | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "delta", "text": text, "token_ids": token_ids}
+    if logprobs is not None:
+        frame["logprobs"] = logprobs
+    return frame
+
+
+def native_end(finish_reason: str, usage: dict[str, int], timing: dict[str, float]) -> dict[str, Any]:
+    return {"type": "end", "finish_reason": finish_reason, "usage": usage, "timing": timing}
+
+
+def native_error(status: int, message: str) -> dict[str, Any]:
+    return {"type": "error", "status": status, "message": message}
+
+
+# ---------------------------------------------------------------------------------- OpenAI
+
+# Fields of OpenAI's API that we know and do not implement: refused by name.
+_UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "audio", "prediction", "modalities")
+
+
+def _openai_common(obj: Mapping[str, Any], req: GenerateRequest) -> None:
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", "must be a string", model)
+    req.model = model
+    n = _int(obj, "n", low=1)
+    if n is not None and n != 1:
+        raise ProtocolError(400, f"n: only n = 1 is supported (got {n})", param="n")
+    _common_sampling(obj, req.sampling)
+    stop = _stop(obj)
+    if stop is not None:
+        if len(stop) > 16:
+            raise _bad("stop", "at most 16 stop sequences", list(stop))
+        req.sampling["stop"] = stop
+    bias = obj.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, Mapping):
+            raise _bad("logit_bias", "must map token ids to numbers", bias)
+        req.sampling["logit_bias"] = dict(bias)
+    user = obj.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad("user", "must be a string", user)
+    stream = _bool(obj, "stream")
+    req.stream = bool(stream)
+    opts = obj.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, Mapping):
+            raise _bad("stream_options", "must be an object", opts)
+        if not req.stream:
+            raise ProtocolError(400, "stream_options: only allowed with stream: true", param="stream_options")
+        req.include_usage = bool(_bool(opts, "include_usage"))
+    priority = _int(obj, "priority")
+    if priority is not None:
+        req.priority = priority
+
+
+def parse_chat(obj: object) -> GenerateRequest:
+    if not isinstance(obj, Mapping):
+        raise ProtocolError(400, "the body must be a JSON object")
+    for key in _UNSUPPORTED_CHAT:
+        if obj.get(key) not in (None, [], "none"):
+            raise ProtocolError(400, f"{key}: not supported by this server", param=key)
+    fmt = obj.get("response_format")
+    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
+        raise ProtocolError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format")
+    if obj.get("messages") is None:
+        raise ProtocolError(400, "messages: required", param="messages")
+    req = GenerateRequest(messages=_messages(obj["messages"]))
+    _openai_common(obj, req)
+    mct, mt = _int(obj, "max_completion_tokens", low=1), _int(obj, "max_tokens", low=1)
+    req.max_tokens = mct if mct is not None else mt
+    logprobs = _bool(obj, "logprobs")
+    top = _int(obj, "top_logprobs", low=0, high=20)
+    if top is not None and not logprobs:
+        raise ProtocolError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    if logprobs:
+        req.top_logprobs = top or 0
+        req.sampling["logprobs"] = req.top_logprobs
+    return req
+
+
+def parse_completion(obj: object) -> GenerateRequest:
+    if not isinstance(obj, Mapping):
+        raise ProtocolError(400, "the body must be a JSON object")
+    if obj.get("echo"):
+        raise ProtocolError(400, "echo: not supported by this server", param="echo")
+    if obj.get("suffix"):
+        raise ProtocolError(400, "suffix: not supported by this server", param="suffix")
+    best_of = _int(obj, "best_of", low=1)
+    if best_of is not None and best_of != 1:
+        raise ProtocolError(400, f"best_of: only 1 is supported (got {best_of})", param="best_of")
+    p = obj.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a batch of one
+    req = GenerateRequest()
+    if isinstance(p, str) and p:
+        req.prompt = p
+    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+        req.prompt = _token_ids(p, "prompt")
+    elif isinstance(p, list) and len(p) > 1:
+        raise ProtocolError(400, f"prompt: batches are not supported, send one prompt per request (got {len(p)})",
+                            param="prompt")
+    else:
+        raise _bad("prompt", "must be a non-empty string or list of token ids", p)
+    _openai_common(obj, req)
+    req.max_tokens = _int(obj, "max_tokens", low=1)
+    logprobs = _int(obj, "logprobs", low=0, high=5)
+    if logprobs is not None:
+        req.sampling["logprobs"] = logprobs
+        req.top_logprobs = logprobs
+    return req
+
+
+def openai_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    # OpenAI knows stop | length | content_filter | tool_calls; an abort is vLLM's "abort"
+    return reason
+
+
+def chat_completion(
+    request_id: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any],
+    logprobs: dict[str, Any] | None, created: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": openai_finish_reason(finish_reason),
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def chat_chunk(
+    request_id: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None, include_usage: bool = False,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": openai_finish_reason(finish_reason)}
+        ],
+    }
+    if include_usage:
+        chunk["usage"] = None  # OpenAI: null on every chunk but the last
+    return chunk
+
+
+def completion(
+    request_id: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any],
+    logprobs: dict[str, Any] | None, created: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": openai_finish_reason(finish_reason)}
+        ],
+        "usage": usage,
+    }
+
+
+def completion_chunk(
+    request_id: str, model: str, created: int, text: str, finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None, include_usage: bool = False,
+) -> dict[str, Any]:
+    chunk = completion(request_id, model, text, finish_reason, {}, logprobs, created)
+    del chunk["usage"]
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(request_id: str, model: str, created: int, usage: dict[str, Any], chat: bool) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
