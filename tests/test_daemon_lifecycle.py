@@ -99,14 +99,32 @@ def test_reload_under_load_notify_and_drain(tmp_path: Path, default_gguf: Path) 
         d.notify.close()
 
 
-def test_drain_timeout_aborts_with_terminal_frame(tmp_path: Path, default_gguf: Path) -> None:
-    d = start_daemon(tmp_path, config=TEST_CONFIG.replace("drain_timeout_s: 30", "drain_timeout_s: 0.5"))
+def test_queue_full_then_drain_timeout_aborts(tmp_path: Path, default_gguf: Path) -> None:
+    config = (TEST_CONFIG.replace("drain_timeout_s: 30", "drain_timeout_s: 0.5")
+              .replace("max_num_seqs: 16", "max_num_seqs: 1, max_waiting: 1"))
+    d = start_daemon(tmp_path, config=config)
     try:
-        frames = d.stream_native({"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True})
-        assert next(frames)["type"] == "start"
+        long = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
+        running = d.stream_native(long)
+        assert next(running)["type"] == "start"
+        waited: list[list[dict[str, Any]]] = []  # waits behind the running one
+        t = threading.Thread(target=_stream_all, args=(d, long, waited))
+        t.start()
+        deadline = time.monotonic() + 30
+        while d.request("GET", "/v1/status").json()["queue_depth"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = d.request("POST", "/v1/generate", {"prompt": "hi"}, kind="msgpack")
+        assert r.status == 503 and r.headers["retry-after"] == "1"
+        assert "max_waiting = 1" in r.msgpack()["error"]["message"]
+        # SIGTERM: the drain window (0.5 s) is too short; both get a terminal abort frame
         d.proc.send_signal(signal.SIGTERM)
-        rest = list(frames)
+        rest = list(running)
         assert rest[-1]["type"] == "end" and rest[-1]["finish_reason"] == "abort"
+        t.join(60)
+        frames = waited[0]
+        assert [f["type"] for f in frames] == ["start", "end"] and frames[-1]["finish_reason"] == "abort"
+        assert frames[-1]["usage"]["completion_tokens"] == 0
         assert d.proc.wait(60) == 0
     finally:
         if d.proc.poll() is None:
