@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .client_cli import add_client_commands
 from .pull import pull
 from .store import DEFAULT_MODEL, ModelError, store_dir
 
@@ -40,6 +41,12 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         return 1
     print(out.text)
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import main as serve_main
+
+    return serve_main(args.config, args.socket, args.model, args.device, args.dtype)
 
 
 def _positive_int(text: str) -> int:
@@ -94,6 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--system-prompt", metavar="S", help="a system message to put first")
     p.set_defaults(func=_cmd_ask)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Serve the model on a Unix socket (native msgpack and OpenAI-compatible HTTP). "
+        "Reloads its config on SIGHUP; drains on SIGTERM.",
+    )
+    p.add_argument("--config", metavar="PATH", help="YAML config (etc/inflightd.yaml documents every key)")
+    p.add_argument(
+        "--socket", metavar="PATH",
+        help="Unix socket path (default: $XDG_RUNTIME_DIR/inflightd/inflightd.sock; /run/inflightd/inflightd.sock "
+        "for root)",
+    )
+    p.add_argument("--model", metavar="PATH|default", help="overrides model.path")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides model.device")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="overrides model.dtype")
+    p.set_defaults(func=_cmd_serve)
+    add_client_commands(sub)
     return parser
 
 

@@ -96,5 +96,11 @@ class Metrics:
             self.tpot.observe(tpot_ms / 1e3)
         self.queue.observe(queue_ms / 1e3)
 
+    def observe_abort(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """A request its client abandoned: no timing, but its tokens were spent."""
+        self.requests.labels("abort").inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

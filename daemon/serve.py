@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -188,6 +189,8 @@ class Daemon:
 
 def main(config_path: str | None, socket_path: str | None, model: str | None, device: str | None,
          dtype: str | None = None) -> int:
+    if config_path is not None:
+        config_path = os.path.abspath(config_path)  # reloads must find it whatever the cwd becomes
     try:
         config = load_config(config_path)
     except ConfigError as e:

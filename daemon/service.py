@@ -347,6 +347,7 @@ class RequestStream:
         self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self._deadline = loop.time() + service.config.limits.request_timeout_s
         self.finished = False
+        self.completion_tokens = 0
 
     def sink(self, o: EngineOutput) -> None:  # on the engine thread; must not block
         self._loop.call_soon_threadsafe(self._queue.put_nowait, o)
@@ -366,6 +367,7 @@ class RequestStream:
                 504, f"request timed out after {timeout:g} s (limits.request_timeout_s)", "timeout"
             ) from None
         if o.token_ids:
+            self.completion_tokens += len(o.token_ids)
             self._service._count(len(o.token_ids))
         if o.finished:
             self.finished = True
@@ -375,9 +377,12 @@ class RequestStream:
 
     async def aclose(self) -> None:
         if not self.finished:
+            # The client left (or timed out): the engine's own terminal output will go unread,
+            # so the abort is counted here.
             self.finished = True
             self._service.engine.abort(self._p.request_id)
             self._service._stream_done(self._p.request_id)
+            self._service.metrics.observe_abort(len(self._p.prompt_ids), self.completion_tokens)
 
     async def __aenter__(self) -> RequestStream:
         return self
