@@ -8,7 +8,9 @@ be injected into the model runner after start-up."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +63,66 @@ def test_engine_failure_fails_requests_and_exits_nonzero(tmp_path: Path, default
     assert "engine failed" in notify.wait_for("STOPPING", "1", timeout=5).get("STATUS", "")
     assert not os.path.exists(sock)
     notify.close()
+
+
+def test_watchdog_pings_only_while_the_engine_progresses(tmp_path: Path, default_gguf: Path) -> None:
+    """WATCHDOG=1 flows while idle and while steps advance; a step that hangs (a wedged GPU)
+    stops the pings, so that systemd's WatchdogSec kills and restarts the daemon."""
+    sock = str(tmp_path / "d.sock")
+    config = parse_config(TEST_CONFIG, source=str(tmp_path / "c.yaml"))
+    notify = NotifyListener(tmp_path / "notify.sock")
+    # WATCHDOG_USEC=200 ms: a ping every 0.1 s; a step stale for 2 intervals withholds them
+    notifier = systemd.Notifier({"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"})
+    service = Service(config)
+    daemon = ServeDaemon(service, open_listeners(config, sock), notifier)
+    client = Daemon(None, sock, tmp_path / "c.yaml", tmp_path / "log", notify)  # type: ignore[arg-type]
+    seen: dict[str, Any] = {}
+
+    def pings(seconds: float) -> int:
+        notify.messages.clear()
+        end = time.monotonic() + seconds
+        n = 0
+        while (left := end - time.monotonic()) > 0:
+            try:
+                notify.wait_for("WATCHDOG", "1", timeout=left)
+                n += 1
+            except TimeoutError:
+                break
+        return n
+
+    def client_side() -> None:
+        try:
+            notify.wait_for("READY", "1")
+            seen["idle"] = pings(1.0)
+            runner = service.engine.runner
+            real = runner.execute
+            release = threading.Event()
+            hung = threading.Event()
+
+            def hanging(*args: Any) -> Any:
+                if not release.is_set():
+                    hung.set()
+                    release.wait(30)
+                return real(*args)
+
+            runner.execute = hanging
+            t = threading.Thread(target=lambda: seen.setdefault("frames", list(client.stream_native(
+                {"prompt": "Hello", "max_tokens": 3, "ignore_eos": True}))))
+            t.start()
+            hung.wait(30)
+            time.sleep(0.5)  # the step is now stale by more than 2 intervals
+            seen["hung"] = pings(1.0)
+            release.set()
+            t.join(30)
+            seen["after"] = pings(1.0)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=client_side)
+    t.start()
+    rc = uvloop.run(daemon.run())
+    t.join(30)
+    notify.close()
+    assert rc == 0
+    assert seen["idle"] >= 5 and seen["hung"] == 0 and seen["after"] >= 5, seen
+    assert seen["frames"][-1]["type"] == "end"
