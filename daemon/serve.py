@@ -34,6 +34,8 @@ from .sockets import AllowList, SocketInUseError, bind_tcp, bind_unix, file_iden
 
 log = logging.getLogger("inflightd.serve")
 
+STATUS_INTERVAL_S = 10.0  # STATUS= refresh without a watchdog (a timer, not a busy loop)
+
 
 @dataclass
 class Listeners:
@@ -98,14 +100,17 @@ class Daemon:
         self._fatal = exc
         self._stop.set()
 
-    async def _watchdog(self, interval: float) -> None:
-        """Ping while healthy: idle, or a step finished within the watchdog period."""
+    async def _watchdog(self, interval: float, ping: bool) -> None:
+        """Every `interval`: STATUS= with the load and, with `ping`, WATCHDOG=1 while healthy:
+        idle, or a step finished within the last two intervals."""
         engine = self.service.engine
         while True:
             await asyncio.sleep(interval)
             idle = engine.num_unfinished == 0
             fresh = time.monotonic() - engine.last_progress < 2 * interval
-            if engine.error is None and (idle or fresh):
+            if not ping:
+                self.notifier.status(self.service.status_line())
+            elif engine.error is None and (idle or fresh):
                 self.notifier.watchdog()
                 self.notifier.status(self.service.status_line())
             else:
@@ -153,7 +158,9 @@ class Daemon:
             self.notifier.ready(service.status_line())
             interval = self.notifier.watchdog_interval()
             if interval is not None:
-                watchdog = asyncio.create_task(self._watchdog(interval))
+                watchdog = asyncio.create_task(self._watchdog(interval, ping=True))
+            elif self.notifier.enabled:  # no watchdog: still keep `systemctl status` current
+                watchdog = asyncio.create_task(self._watchdog(STATUS_INTERVAL_S, ping=False))
             await stop_wait
             return await self._shutdown(sites)
         finally:

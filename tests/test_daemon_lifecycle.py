@@ -4,6 +4,7 @@ activation, socket safety (a second daemon, a stale socket), peer credentials.""
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -181,10 +182,18 @@ def test_stale_socket_replaced_and_peer_check(tmp_path: Path, default_gguf: Path
     first.proc.wait(30)
     first.notify.close()
     assert os.path.exists(sock)
-    cfg = TEST_CONFIG + 'listen: {socket_mode: "0666"}\n'
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    cfg = TEST_CONFIG + f'listen: {{socket_mode: "0666", tcp: "127.0.0.1:{port}"}}\n'
     d = start_daemon(tmp_path / "b", socket_path=sock, config=cfg)
     try:
         assert d.request("GET", "/health").status == 200
+        tcp = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # the optional loopback listener
+        tcp.request("GET", "/v1/models")
+        assert tcp.getresponse().status == 200
+        tcp.close()
         assert oct(os.stat(sock).st_mode & 0o777) == "0o666"
         if os.geteuid() == 0:  # a peer that is neither root, our uid nor in the socket's group
             # (everything imported before dropping root: the interpreter may live under /root)
