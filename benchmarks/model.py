@@ -3,13 +3,17 @@ model in float32 and bfloat16, on the paged path (Numba kernels) and on the refe
 (contiguous cache, torch SDPA). Each case runs in a fresh subprocess so that peak RSS belongs
 to that load alone.
 
-    .venv/bin/python benchmarks/model.py [--model default] [--tokens 128]
+    .venv/bin/python benchmarks/model.py [--model default] [--tokens 128] [--matmul numpy,torch]
+
+float32 rows run once per CPU matmul backend (`INFLIGHTD_CPU_MATMUL`: NumPy's OpenBLAS, the
+default, or torch's MKL); bfloat16 always uses torch's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -36,7 +40,8 @@ t = time.perf_counter()
 out = llm.chat(prompt, p)
 wall = time.perf_counter() - t
 print(json.dumps(dict(
-    attention=attention, dtype=dtype, load_s=llm.load_stats.seconds, init_s=init_s,
+    attention=attention, dtype=dtype, matmul=__import__("inflightd.models.llama").models.llama.CPU_MATMUL
+    if dtype == "float32" else "torch", load_s=llm.load_stats.seconds, init_s=init_s,
     weights_mb=llm.load_stats.weight_bytes / 1e6,
     load_peak_over_base_mb=(peak - rss0) / 1e6, peak_rss_mb=peak / 1e6,
     prompt_tokens=len(out.prompt_token_ids), ttft_ms=out.ttft_s * 1e3, tpot_ms=out.tpot_s * 1e3,
@@ -49,15 +54,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--matmul", default="numpy,torch", help="CPU matmul backends for the float32 rows")
     args = ap.parse_args()
     rows = []
     for attention in ("paged", "reference"):
         for dtype in ("float32", "bfloat16"):
-            cmd = [sys.executable, "-c", CHILD, args.model, dtype, str(args.tokens), attention]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            for matmul in args.matmul.split(",") if dtype == "float32" else ["torch"]:
+                cmd = [sys.executable, "-c", CHILD, args.model, dtype, str(args.tokens), attention]
+                env = {**os.environ, "INFLIGHTD_CPU_MATMUL": matmul}
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"<!-- {' '.join(sys.argv)} -->")
-    cols = ["attention", "dtype", "load_s", "init_s", "weights_mb", "load_peak_over_base_mb", "peak_rss_mb",
+    cols = ["attention", "dtype", "matmul", "load_s", "init_s", "weights_mb", "load_peak_over_base_mb", "peak_rss_mb",
             "prompt_tokens", "ttft_ms", "tpot_ms", "decode_tok_s", "e2e_tok_s", "threads"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

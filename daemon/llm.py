@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -158,6 +159,10 @@ class LLM:
             )
         self.engine = Engine(runner, Scheduler(config, self.block_manager), self.tokenizer)
         self.engine.start()
+        # Stop the engine thread when this object goes or the interpreter exits: a thread left
+        # blocked inside the runtime during interpreter teardown sometimes ended the process with
+        # "terminate called without an active exception" (SIGABRT) after all work was done.
+        weakref.finalize(self, self.engine.shutdown)
         self._next_request = 0
         tmpl = self.tokenizer.chat_template
         self.chat_template = (
