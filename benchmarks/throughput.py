@@ -10,12 +10,14 @@ Measured side by side:
 
 1. inflightd, all `--requests` submitted together (in flight up to `max_num_seqs` = requests);
 2. inflightd single stream: `--sequential` requests one at a time;
-3. transformers (bf16, the same GGUF dequantized by transformers): sequential `generate` over the
+3. transformers (`--hf-dtype`, bf16 by default as the issue asks; the same GGUF dequantized by
+   transformers): sequential `generate` over the
    same `--sequential` requests (a subsample: tok/s comes from what ran), then static batches of
    8 and 32 over the `--requests` (left padding; `max_new_tokens = min_new_tokens =` the batch's
    largest max_tokens; each request counts only its own max_tokens as useful output).
 
-    .venv/bin/python benchmarks/throughput.py [--requests 32] [--dtype bfloat16|float32]
+    .venv/bin/python benchmarks/throughput.py [--requests 32] [--dtype auto|bfloat16|float32]
+        [--hf-dtype bfloat16|float32]
         [--sequential 6] [--hf-batches 8,32] [--no-hf] [--quick]
 
 Timing definitions. Every request of a batched run arrives at the run's start, so TTFT includes
@@ -116,6 +118,7 @@ def run_inflightd(args: argparse.Namespace, rows: list[Row]) -> tuple[Workload, 
         max_num_seqs=max(args.requests, 1),
         kv_cache_memory=args.kv_cache_memory,
     )
+    args.dtype = str(llm.model.dtype).removeprefix("torch.")  # "auto" resolved, for the labels
     log(f"inflightd: loaded {args.model} ({args.dtype}) in {time.perf_counter() - t:.1f} s")
     tmpl = llm.chat_template
     if tmpl is None:
@@ -211,13 +214,15 @@ def run_hf(args: argparse.Namespace, work: Workload, rows: list[Row]) -> None:
     hf_logging.set_verbosity_error()
     path = resolve_model(args.model)
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16)
+    hf_dtype = getattr(torch, args.hf_dtype)
+    short = {"bfloat16": "bf16", "float32": "fp32"}[args.hf_dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=hf_dtype)
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    log(f"transformers: loaded the GGUF (bf16) in {time.perf_counter() - t:.1f} s")
+    log(f"transformers: loaded the GGUF ({short}) in {time.perf_counter() - t:.1f} s")
 
     class StepClock(LogitsProcessor):
         """Stamps the clock at each generation step, right after that step's forward."""
@@ -258,7 +263,7 @@ def run_hf(args: argparse.Namespace, work: Workload, rows: list[Row]) -> None:
 
     generate([work.seq_ids[0][:32]], [4])  # warm-up
 
-    seq = Row("transformers", "sequential generate, bf16", len(work.seq_ids), 0, 0.0)
+    seq = Row("transformers", f"sequential generate, {short}", len(work.seq_ids), 0, 0.0)
     for ids, m in zip(work.seq_ids, work.seq_max_tokens):
         t0, t1, times = generate([ids], [m])
         seq.wall_s += t1 - t0
@@ -269,7 +274,7 @@ def run_hf(args: argparse.Namespace, work: Workload, rows: list[Row]) -> None:
 
     n = len(work.ids)
     for b in args.hf_batches:
-        row = Row("transformers", f"static batch {b}, bf16", n, 0, 0.0)
+        row = Row("transformers", f"static batch {b}, {short}", n, 0, 0.0)
         start = time.perf_counter()  # every request arrives now: later batches queue
         generated = 0
         for lo in range(0, n, b):
@@ -363,7 +368,7 @@ def report(args: argparse.Namespace, rows: list[Row], facts: dict[str, float], w
         "Transformers' TTFT and TPOT come from a logits processor that stamps each generation step (the "
         "first stamp follows the prefill forward); a static batch runs to its longest request, and each "
         "request counts only its own max_tokens (its TPOT over those). The sequential transformers row "
-        "ran a subsample and its tok/s is from that subsample only. Transformers always runs bf16. "
+        "ran a subsample and its tok/s is from that subsample only. Transformers runs in --hf-dtype. "
         f"inflightd: {facts.get('steps', 0):.0f} steps, {facts.get('full_steps', 0):.0f} of them decode steps "
         f"with all requests in flight ({facts.get('full_step_ms', math.nan):.0f} ms each); prefix-cache hits "
         f"{facts.get('cached_tokens', 0):.0f} prompt tokens (the shared system prompt). Outside model: the "
@@ -408,7 +413,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--requests", type=int, default=32, help="requests in flight together (default 32)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="inflightd's dtype")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="inflightd's dtype (auto: float32 on a CPU without bf16 instructions)")
+    ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="transformers' dtype")
     ap.add_argument("--kv-cache-memory", default="auto", help="bytes, or 'auto' (default)")
     ap.add_argument("--sequential", type=int, default=6, help="requests run one at a time (both engines)")
     ap.add_argument("--hf-batches", default="8,32", help="transformers static batch sizes ('' for none)")

@@ -1,0 +1,63 @@
+"""float32 matmul backends on the CPU for the default model's linears: torch (MKL here) vs NumPy
+(the OpenBLAS its wheels bundle), side by side in one process, on the shapes one decoder layer
+runs and the vocab projection, for token counts from one (single-stream decode) to a full
+prefill budget.
+
+    python benchmarks/matmul_backend.py [--tokens 1,8,32,64,512,2048] [--repeats 5]
+
+Each cell is the best of --repeats calls (after one warm-up); `speedup` = torch / numpy time.
+This measurement is why `inflightd.models.llama.linear` sends float32 CPU matmuls to NumPy
+(`INFLIGHTD_CPU_MATMUL=torch` switches back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as inflightd runs
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# (name, out_features, in_features) of SmolLM2-135M: fused qkv, o, fused gate/up, down, lm_head
+SHAPES = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536), ("lm_head", 49152, 576)]
+
+
+def best(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1,8,32,64,512,2048")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    print(f"<!-- python benchmarks/matmul_backend.py --tokens {args.tokens} --repeats {args.repeats} -->")
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}")
+    print("| tokens | linear | torch ms | numpy ms | speedup | numpy GFLOP/s |")
+    print("|--:|---|--:|--:|--:|--:|")
+    for m in (int(x) for x in args.tokens.split(",")):
+        for name, out_f, in_f in SHAPES:
+            rows = min(m, 64) if name == "lm_head" else m  # logits only for the sampled rows
+            w = torch.randn(out_f, in_f)
+            x = torch.randn(rows, in_f)
+            wn, xn = w.numpy(), x.numpy()
+            t_torch = best(lambda x=x, w=w: torch.nn.functional.linear(x, w), args.repeats)
+            t_np = best(lambda xn=xn, wn=wn: np.matmul(xn, wn.T), args.repeats)
+            gflops = 2 * rows * out_f * in_f / t_np / 1e9
+            speedup = f"{t_torch / t_np:.2f}×"
+            cells = [str(rows), name, f"{t_torch * 1e3:.3f}", f"{t_np * 1e3:.3f}", speedup, f"{gflops:.1f}"]
+            print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
