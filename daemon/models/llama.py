@@ -91,8 +91,9 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None) -> tor
 
 
 # float32 matmuls on the CPU go through NumPy's BLAS (OpenBLAS in NumPy's wheels) instead of
-# torch's (MKL): on this project's AMD EPYC hosts OpenBLAS ran the model's linears 1.3–3.8×
-# faster at every batch size from 1 to 2048 tokens (`python benchmarks/matmul_backend.py`).
+# torch's (MKL, which takes a generic path on AMD CPUs): on this project's AMD EPYC hosts
+# OpenBLAS ran the model's linears 1.2–2.9× faster from 1 to 512 tokens, about even at 2048
+# (`python benchmarks/matmul_backend.py`).
 # INFLIGHTD_CPU_MATMUL=torch keeps torch's, for comparison.
 CPU_MATMUL = os.environ.get("INFLIGHTD_CPU_MATMUL", "numpy")
 if CPU_MATMUL not in ("numpy", "torch"):

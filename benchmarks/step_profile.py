@@ -1,0 +1,75 @@
+"""Where a decode step's time goes: wraps the model's building blocks (linears, norms, RoPE, the
+vocab projection) and the Numba kernels with wall-clock accumulators, runs B chat requests of
+64 greedy tokens together, and prints each part's share of the run.
+
+    python benchmarks/step_profile.py [--batch 1] [--tokens 64] [--dtype float32]
+
+Shares overlap where calls nest (`forward` contains `linear`; `execute` contains `forward` and
+`logits`). The wrappers add a few µs per call: compare shares, not absolute times, with runs
+that are not wrapped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+from collections.abc import Callable
+from typing import Any
+
+import inflightd  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+import inflightd.models.llama as llama
+import numba_kernels
+from inflightd import LLM, SamplingParams
+
+acc: collections.Counter[str] = collections.Counter()
+
+
+def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[name] += time.perf_counter() - t
+
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    # module-level functions the forward looks up at call time
+    llama.linear = timed("linear", llama.linear)  # type: ignore[assignment]
+    llama.rms_norm = timed("rms_norm", llama.rms_norm)  # type: ignore[assignment]
+    llama.apply_rope = timed("rope", llama.apply_rope)  # type: ignore[assignment]
+    for name in ("write_kv_cache", "paged_attention_decode", "paged_attention_prefill"):
+        setattr(numba_kernels, name, timed(name, getattr(numba_kernels, name)))
+    llm = LLM(model="default", dtype=args.dtype, kv_cache_memory=1 << 30, max_num_seqs=max(64, args.batch))
+    runner: Any = llm.engine.runner
+    runner.execute = timed("execute", runner.execute)
+    model: Any = llm.model
+    model.forward = timed("forward", model.forward)
+    model.logits = timed("logits (vocab projection)", model.logits)
+    prompts = [[{"role": "user", "content": f"Write story number {i} about a lighthouse."}] for i in range(args.batch)]
+    llm.chat(prompts, SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    acc.clear()
+    t = time.perf_counter()
+    outs = llm.chat(prompts, SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True))
+    wall = time.perf_counter() - t
+    n = sum(len(o.token_ids) for o in outs)
+    cmd = f"python benchmarks/step_profile.py --batch {args.batch} --tokens {args.tokens} --dtype {args.dtype}"
+    print(f"<!-- {cmd} -->")
+    print(f"batch {args.batch}: {n} tokens in {wall:.2f} s = {n / wall:.1f} tok/s")
+    print("| part | ms | share of wall |")
+    print("|---|--:|--:|")
+    for name, seconds in acc.most_common():
+        print(f"| {name} | {seconds * 1e3:.1f} | {100 * seconds / wall:.1f} % |")
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
