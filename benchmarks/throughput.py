@@ -17,7 +17,7 @@ Measured side by side:
    largest max_tokens; each request counts only its own max_tokens as useful output).
 
     .venv/bin/python benchmarks/throughput.py [--requests 32] [--dtype auto|bfloat16|float32]
-        [--hf-dtype bfloat16|float32]
+        [--hf-dtype bfloat16|float32] [--max-num-batched-tokens 2048]
         [--sequential 6] [--hf-batches 8,32] [--no-hf] [--quick]
 
 Timing definitions. Every request of a batched run arrives at the run's start, so TTFT includes
@@ -116,6 +116,7 @@ def run_inflightd(args: argparse.Namespace, rows: list[Row]) -> tuple[Workload, 
         model=args.model,
         dtype=args.dtype,
         max_num_seqs=max(args.requests, 1),
+        max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
     )
     args.dtype = str(llm.model.dtype).removeprefix("torch.")  # "auto" resolved, for the labels
@@ -179,7 +180,7 @@ def run_inflightd(args: argparse.Namespace, rows: list[Row]) -> tuple[Workload, 
     rows.append(
         Row(
             "inflightd",
-            f"{n} in flight, {args.dtype}",
+            f"{n} in flight, {args.dtype}, budget {args.max_num_batched_tokens}",
             n,
             sum(got),
             wall,
@@ -415,6 +416,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests in flight together (default 32)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="inflightd's dtype (auto: float32 on a CPU without bf16 instructions)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                    help="inflightd's token budget per step (scheduler.max_num_batched_tokens)")
     ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="transformers' dtype")
     ap.add_argument("--kv-cache-memory", default="auto", help="bytes, or 'auto' (default)")
     ap.add_argument("--sequential", type=int, default=6, help="requests run one at a time (both engines)")

@@ -41,6 +41,11 @@ def bind_unix(path: str, mode: int) -> socket.socket:
     a daemon already answers there."""
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, mode=0o755, exist_ok=True)
+    # A folder someone else owns (e.g. a pre-created /tmp/inflightd-UID when XDG_RUNTIME_DIR is
+    # unset) would let them swap the socket under our clients.
+    owner = os.stat(parent).st_uid
+    if owner not in (0, os.geteuid()):
+        raise SocketInUseError(f"{parent} belongs to uid {owner}, not to this user: refusing to put the socket there")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

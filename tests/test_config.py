@@ -113,6 +113,12 @@ def test_bind_unix_mode_live_and_stale(tmp_path: Path) -> None:
     sock2 = bind_unix(path, 0o600)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     sock2.close()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    if os.geteuid() == 0:  # only root can hand a folder to another uid
+        os.chown(foreign, 65534, 65534)
+        with pytest.raises(SocketInUseError, match="belongs to uid 65534"):
+            bind_unix(str(foreign / "d.sock"), 0o660)
     plain = tmp_path / "file"
     plain.write_text("x")
     with pytest.raises(SocketInUseError, match="not a socket"):
