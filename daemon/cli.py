@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .client_cli import add_client_commands
+from .client_cli import add_client_commands, non_negative_float, positive_int
 from .pull import pull
 from .store import DEFAULT_MODEL, ModelError, store_dir
 
@@ -49,19 +49,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args.config, args.socket, args.model, args.device, args.dtype)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -94,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT", help="the user message")
     p.add_argument("--model", default="default", help="'default', a store name or a path")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N")
+    p.add_argument("--max-tokens", type=positive_int, default=256, metavar="N")
     p.add_argument(
-        "--temperature", type=_non_negative_float, default=0.0, metavar="T",
+        "--temperature", type=non_negative_float, default=0.0, metavar="T",
         help="0 is greedy (the default, so answers are reproducible)",
     )
     p.add_argument("--system-prompt", metavar="S", help="a system message to put first")

@@ -22,9 +22,8 @@ from typing import Any
 
 import msgpack
 
-from .config import default_socket_path
+from .config import SYSTEM_SOCKET, default_socket_path
 
-SYSTEM_SOCKET = "/run/inflightd/inflightd.sock"
 MSGPACK_TYPE = "application/msgpack"
 NATIVE_STREAM_TYPE = "application/vnd.inflightd.stream+msgpack"
 # One frame is a few hundred bytes (a delta with logprobs a few KiB): a bound far above that

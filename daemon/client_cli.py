@@ -23,7 +23,7 @@ SOCKET_HELP = ("the daemon's Unix socket (default: $INFLIGHTD_SOCKET, else $XDG_
                "or the system service's /run/inflightd/inflightd.sock when only that one exists)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -33,7 +33,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -43,8 +43,8 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _unit_interval(text: str) -> float:
-    value = _non_negative_float(text)
+def unit_interval(text: str) -> float:
+    value = non_negative_float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
@@ -233,10 +233,10 @@ def add_client_commands(sub: Any) -> None:
     )
     p.add_argument("--socket", metavar="PATH", help=SOCKET_HELP)
     p.add_argument("--system", metavar="TEXT", help="a system prompt (default: the model's own)")
-    p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="longest answer in tokens")
-    p.add_argument("--temperature", type=_non_negative_float, metavar="T",
+    p.add_argument("--max-tokens", type=positive_int, metavar="N", help="longest answer in tokens")
+    p.add_argument("--temperature", type=non_negative_float, metavar="T",
                    help=f"sampling temperature, 0 = greedy (default {DEFAULTS['temperature']})")
-    p.add_argument("--top-p", type=_unit_interval, metavar="P", help=f"nucleus sampling (default {DEFAULTS['top_p']})")
+    p.add_argument("--top-p", type=unit_interval, metavar="P", help=f"nucleus sampling (default {DEFAULTS['top_p']})")
     p.add_argument("--seed", type=int, metavar="N", help="sampling seed, for reproducible answers")
     p.set_defaults(func=_cmd_chat)
 
@@ -249,11 +249,11 @@ def add_client_commands(sub: Any) -> None:
     )
     p.add_argument("text", metavar="TEXT", help="the prompt; '-' reads stdin")
     p.add_argument("--socket", metavar="PATH", help=SOCKET_HELP)
-    p.add_argument("--max-tokens", type=_positive_int, metavar="N",
+    p.add_argument("--max-tokens", type=positive_int, metavar="N",
                    help="longest completion (default: the daemon's limits.default_max_tokens)")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
                    help="0 is greedy (the default, so completions are reproducible)")
-    p.add_argument("--top-p", type=_unit_interval, metavar="P", help="nucleus sampling (default 1: off)")
+    p.add_argument("--top-p", type=unit_interval, metavar="P", help="nucleus sampling (default 1: off)")
     p.add_argument("--seed", type=int, metavar="N", help="sampling seed")
     p.add_argument("--chat", action="store_true",
                    help="send TEXT as a user message through the model's chat template")

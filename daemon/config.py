@@ -313,17 +313,16 @@ def parse_tcp(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+SYSTEM_SOCKET = "/run/inflightd/inflightd.sock"  # the system service's (systemd/inflightd.socket)
+
+
 def default_socket_path(system: bool | None = None) -> str:
     """$XDG_RUNTIME_DIR/inflightd/inflightd.sock for a user, /run/inflightd/inflightd.sock for
     root (or with `system`)."""
     if system is None:
         system = os.geteuid() == 0 and not os.environ.get("XDG_RUNTIME_DIR")
     if system:
-        return "/run/inflightd/inflightd.sock"
+        return SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/inflightd-{os.getuid()}"
     return os.path.join(runtime, "inflightd", "inflightd.sock")
 
-
-def client_socket_path(explicit: str | None = None) -> str:
-    """Where clients look: --socket, then $INFLIGHTD_SOCKET, then the default."""
-    return explicit or os.environ.get("INFLIGHTD_SOCKET") or default_socket_path()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import numba_kernels
 
 from .chat_template import ChatTemplate
@@ -39,8 +41,6 @@ def resolve_device(device: str) -> str:
     """"auto" → "cuda" when torch sees a GPU, else "cpu"."""
     if device != "auto":
         return device
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -66,8 +66,6 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
-        import torch
-
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_bf16() else "float32"
 

@@ -360,10 +360,6 @@ def openai_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int)
     }
 
 
-def openai_finish_reason(reason: str | None) -> str | None:
-    # OpenAI knows stop | length | content_filter | tool_calls; an abort is vLLM's "abort"
-    return reason
-
 
 def chat_completion(
     request_id: str, model: str, text: str, finish_reason: str | None, usage: dict[str, Any],
@@ -379,7 +375,7 @@ def chat_completion(
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs,
-                "finish_reason": openai_finish_reason(finish_reason),
+                "finish_reason": finish_reason,
             }
         ],
         "usage": usage,
@@ -396,7 +392,7 @@ def chat_chunk(
         "created": created,
         "model": model,
         "choices": [
-            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": openai_finish_reason(finish_reason)}
+            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         ],
     }
     if include_usage:
@@ -414,7 +410,7 @@ def completion(
         "created": created or int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": openai_finish_reason(finish_reason)}
+            {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         ],
         "usage": usage,
     }

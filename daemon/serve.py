@@ -80,7 +80,6 @@ class Daemon:
         self.notifier = notifier
         self._stop = asyncio.Event()
         self._fatal: BaseException | None = None
-        self._reloading = False
 
     def reload(self) -> ReloadResult:
         """SIGHUP / POST /v1/reload, on the event loop."""

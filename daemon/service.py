@@ -103,7 +103,6 @@ class Service:
         self.metrics = Metrics(self.snapshot)
         self._ids = itertools.count()
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic, tokens) of the last minute
-        self._recent_sum = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.streams: dict[str, RequestStream] = {}  # in flight, for drain
         self._drained: asyncio.Event | None = None
@@ -230,6 +229,7 @@ class Service:
             raise ProtocolError(400, str(e)) from None
         except RuntimeError as e:  # failed or shutting down
             raise ProtocolError(503, str(e), "service_unavailable") from None
+        stream.arm_timeout(self.config.limits.request_timeout_s)
         self.streams[p.request_id] = stream
         return stream
 
@@ -259,9 +259,8 @@ class Service:
     def _count(self, n: int) -> None:
         now = time.monotonic()
         self._recent.append((now, n))
-        self._recent_sum += n
         while self._recent and self._recent[0][0] < now - 60:
-            self._recent_sum -= self._recent.popleft()[1]
+            self._recent.popleft()
 
     def _observe(self, o: EngineOutput, p: Prepared) -> None:
         if o.usage is None or o.timing is None:
@@ -344,10 +343,19 @@ class RequestStream:
         self._service = service
         self._p = p
         self._loop = loop
-        self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self._deadline = loop.time() + service.config.limits.request_timeout_s
+        # None in the queue: limits.request_timeout_s has passed. One timer per request (armed
+        # once the engine took it), not a timeout per awaited token.
+        self._queue: asyncio.Queue[EngineOutput | None] = asyncio.Queue()
+        self._timer: asyncio.TimerHandle | None = None
         self.finished = False
         self.completion_tokens = 0
+
+    def arm_timeout(self, seconds: float) -> None:
+        self._timer = self._loop.call_later(seconds, self._queue.put_nowait, None)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     def sink(self, o: EngineOutput) -> None:  # on the engine thread; must not block
         self._loop.call_soon_threadsafe(self._queue.put_nowait, o)
@@ -358,9 +366,8 @@ class RequestStream:
     async def __anext__(self) -> EngineOutput:
         if self.finished:
             raise StopAsyncIteration
-        try:
-            o = await asyncio.wait_for(self._queue.get(), max(self._deadline - self._loop.time(), 0.0))
-        except asyncio.TimeoutError:
+        o = await self._queue.get()
+        if o is None:
             await self.aclose()
             timeout = self._service.config.limits.request_timeout_s
             raise ProtocolError(
@@ -371,6 +378,7 @@ class RequestStream:
             self._service._count(len(o.token_ids))
         if o.finished:
             self.finished = True
+            self._disarm()
             self._service._observe(o, self._p)
             self._service._stream_done(self._p.request_id)
         return o
@@ -380,6 +388,7 @@ class RequestStream:
             # The client left (or timed out): the engine's own terminal output will go unread,
             # so the abort is counted here.
             self.finished = True
+            self._disarm()
             self._service.engine.abort(self._p.request_id)
             self._service._stream_done(self._p.request_id)
             self._service.metrics.observe_abort(len(self._p.prompt_ids), self.completion_tokens)

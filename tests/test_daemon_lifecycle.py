@@ -209,6 +209,16 @@ def test_stale_socket_replaced_and_peer_check(tmp_path: Path, default_gguf: Path
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200
         conn.close()
+        # limits.request_timeout_s (live): a stream past it ends with a 504 error frame
+        d.config_path.write_text(cfg.replace("drain_timeout_s: 30", "drain_timeout_s: 30, request_timeout_s: 1.5"))
+        assert d.request("POST", "/v1/reload").json()["applied"] == ["limits.request_timeout_s"]
+        frames = list(d.stream_native({"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}))
+        assert frames[-1]["type"] == "error" and frames[-1]["status"] == 504, frames[-1]
+        assert "request_timeout_s" in frames[-1]["message"]
+        deadline = time.monotonic() + 10
+        while d.request("GET", "/v1/status").json()["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     finally:
         assert d.stop() == 0
         shutil.rmtree(public, ignore_errors=True)
