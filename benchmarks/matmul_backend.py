@@ -6,6 +6,8 @@ prefill budget.
     python benchmarks/matmul_backend.py [--tokens 1,8,32,64,512,2048] [--repeats 5]
 
 Each cell is the best of --repeats calls (after one warm-up); `speedup` = torch / numpy time.
+First line: the memory read bandwidth (best `torch.sum` over 256 MB), the bound for a decode
+step that reads every weight once.
 This measurement is why `inflightd.models.llama.linear` sends float32 CPU matmuls to NumPy
 (`INFLIGHTD_CPU_MATMUL=torch` switches back).
 """
@@ -42,7 +44,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     print(f"<!-- python benchmarks/matmul_backend.py --tokens {args.tokens} --repeats {args.repeats} -->")
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}")
+    big = torch.ones(64 * 2**20)  # 256 MB of float32
+    read_s = best(lambda: big.sum(), args.repeats)
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}; "
+          f"memory read bandwidth {big.numel() * 4 / read_s / 1e9:.1f} GB/s")
     print("| tokens | linear | torch ms | numpy ms | speedup | numpy GFLOP/s |")
     print("|--:|---|--:|--:|--:|--:|")
     for m in (int(x) for x in args.tokens.split(",")):
