@@ -14,7 +14,8 @@ repetition so that noise from other processes hits all of them alike; times are 
 
 ``--interleave`` instead measures what alternating torch ops with parallel Numba kernels costs
 under each threading configuration (each in a fresh process, since the threading layer and
-OMP_WAIT_POLICY are fixed at first use).
+OMP_WAIT_POLICY are fixed at first use). ``--serial-sweep`` times small decode batches on the
+calling thread against the pool (where ``numba_kernels.cpu.SERIAL_WORK`` comes from).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -51,17 +53,23 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
-def best_times(fns: list[Callable[[], object]], reps: int) -> list[float]:
-    """Best-of-reps seconds for each fn, running them round-robin."""
+def round_times(fns: list[Callable[[], object]], reps: int) -> np.ndarray:
+    """Seconds of each fn in each of reps rounds ([reps, len(fns)]), run round-robin so that
+    a slow spell of this shared machine hits every method of a round alike."""
     for fn in fns:
         fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(reps):
+    t = np.empty((reps, len(fns)))
+    for r in range(reps):
         for i, fn in enumerate(fns):
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t)
-    return best
+            t[r, i] = time.perf_counter() - t0
+    return t
+
+
+def best_times(fns: list[Callable[[], object]], reps: int) -> list[float]:
+    """Best-of-reps seconds for each fn, running them round-robin."""
+    return [float(x) for x in round_times(fns, reps).min(axis=0)]
 
 
 def bench_point(batch: int, ctx: int, dtype: torch.dtype, reps: int) -> dict[str, float]:
@@ -96,9 +104,13 @@ def bench_point(batch: int, ctx: int, dtype: torch.dtype, reps: int) -> dict[str
 
     paged()
     err = float((out.double() - sdpa().view(batch, H, D).double()).norm() / sdpa().double().norm())
-    t_paged, t_sdpa, t_gather = best_times([paged, sdpa, gather_sdpa], reps)
+    rounds = round_times([paged, sdpa, gather_sdpa], reps)
+    t_paged, t_sdpa, t_gather = rounds.min(axis=0)
     kv_bytes = 2 * batch * ctx * KVH * D * k_cache.element_size()
     return {"paged_us": t_paged * 1e6, "sdpa_us": t_sdpa * 1e6, "gather_us": t_gather * 1e6,
+            # The ratio within each round (the two calls ran back to back), median over rounds:
+            # less exposed than a ratio of two bests to a spell that spared one method's best.
+            "round_ratio": float(np.median(rounds[:, 0] / rounds[:, 1])),
             "kv_gbs": kv_bytes / t_paged / 1e9, "rel_err": err}
 
 
@@ -124,13 +136,15 @@ def run_table(args: argparse.Namespace) -> None:
           f"{numba.get_num_threads()} numba threads, {torch.get_num_threads()} torch threads; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; copy bandwidth {bw:.1f} GB/s "
           f"(read + write, {os.cpu_count()} CPUs); "
-          f"times are the best of {args.reps} -->")
+          f"times are the best of {args.reps} rounds -->")
     print("| dtype | batch | context | paged µs | SDPA contiguous µs | gather+SDPA µs | "
-          "paged / SDPA | paged / gather | KV read GB/s | % of copy BW |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "paged / SDPA (bests) | paged / SDPA (median round) | paged / gather | KV read GB/s | "
+          "% of copy BW |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, b, c, r in rows:
         print(f"| {name} | {b} | {c} | {r['paged_us']:.1f} | {r['sdpa_us']:.1f} | "
               f"{r['gather_us']:.1f} | {r['paged_us'] / r['sdpa_us']:.2f} | "
+              f"{r['round_ratio']:.2f} | "
               f"{r['paged_us'] / r['gather_us']:.2f} | {r['kv_gbs']:.1f} | "
               f"{100 * r['kv_gbs'] / bw:.0f}% |")
 
@@ -220,6 +234,42 @@ def run_interleave(args: argparse.Namespace) -> None:
               f"({r['pair_cpu_us']:.0f}) | {r['overhead_us']:.0f} |")
 
 
+def run_serial_sweep(args: argparse.Namespace) -> None:
+    """Where cpu.SERIAL_WORK comes from: one decode batch on the calling thread alone against
+    the same batch planned over the pool, by total context (sum over sequences)."""
+    import numba_kernels as nk
+    from numba_kernels import cpu
+
+    nk.warmup()
+    points = [(1, 256), (1, 512), (1, 1024), (1, 1536), (1, 2048), (2, 512), (2, 1024),
+              (4, 256), (4, 512), (8, 128), (8, 192), (8, 256), (16, 128)]
+    rows = []
+    for batch, ctx in points:
+        g = torch.Generator().manual_seed(batch * 7919 + ctx)
+        nblk = -(-ctx // BS)
+        k = torch.randn(batch * nblk, BS, KVH, D, generator=g).numpy()
+        v = torch.randn(batch * nblk, BS, KVH, D, generator=g).numpy()
+        tables = torch.randperm(batch * nblk, generator=g).to(torch.int32).view(batch, nblk).numpy()
+        lens = np.full(batch, ctx, np.int32)
+        qsl = np.arange(batch + 1, dtype=np.int32)
+        q = torch.randn(batch, H, D, generator=g).numpy()
+        out = np.empty_like(q)
+
+        t_serial, t_pool = best_times([
+            partial(cpu.attention, out, q, k, v, tables, lens, qsl, D**-0.5, serial_work=work)
+            for work in (1 << 40, 0)], args.reps)
+        rows.append((batch, ctx, t_serial * 1e6, t_pool * 1e6))
+    print()
+    print(f"<!-- {' '.join([os.path.basename(sys.executable)] + sys.argv)} -->")
+    print(f"<!-- {__import__('numba').get_num_threads()} numba threads; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; best of {args.reps}; "
+          f"cpu.SERIAL_WORK = {cpu.SERIAL_WORK} -->")
+    print("| batch | context | total context | serial µs | pool µs | serial / pool |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for b, c, ts, tp in rows:
+        print(f"| {b} | {c} | {b * c} | {ts:.0f} | {tp:.0f} | {ts / tp:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -230,11 +280,15 @@ def main() -> None:
                     help="measure torch/Numba alternation per threading configuration")
     ap.add_argument("--pairs", type=int, default=50)
     ap.add_argument("--interleave-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serial-sweep", action="store_true",
+                    help="decode on the calling thread vs over the pool, by total context")
     args = ap.parse_args()
     if args.interleave_child:
         interleave_child(args.interleave_child)
     elif args.interleave:
         run_interleave(args)
+    elif args.serial_sweep:
+        run_serial_sweep(args)
     else:
         run_table(args)
 

@@ -27,6 +27,8 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch and Numba load libgomp
 
+import ctypes  # noqa: E402
+import weakref  # noqa: E402
 from collections.abc import Iterable  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -62,21 +64,38 @@ def _np(t: torch.Tensor) -> Any:
     return t.numpy()
 
 
-_CACHE_VIEWS: dict[tuple, Any] = {}
+_CACHES: dict[tuple[int, int], tuple[Any, Any, int, int]] = {}
 
 
-def _np_cache(t: torch.Tensor) -> Any:
-    """_np for the KV caches, which are the same few tensors on every call: the view is kept
-    (a tensor -> numpy conversion costs ~1.5 µs, a measurable share of a small decode step).
-    The view holds a reference to the tensor's memory, so an address cannot be reused while
-    its entry lives; the table is bounded so that replaced caches are released."""
-    key = (t.data_ptr(), t.dtype, t.shape)
-    a = _CACHE_VIEWS.get(key)
-    if a is None:
-        if len(_CACHE_VIEWS) >= 8:
-            _CACHE_VIEWS.pop(next(iter(_CACHE_VIEWS)))
-        a = _CACHE_VIEWS[key] = _np(t)
-    return a
+def _unowned_np(t: torch.Tensor) -> Any:
+    """A numpy view of t's memory that does not keep t alive (_caches drops it when t dies)."""
+    dtype = np.int16 if t.dtype == torch.bfloat16 else t.numpy().dtype
+    buf = (ctypes.c_byte * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    return np.frombuffer(memoryview(buf), dtype).reshape(tuple(t.shape))
+
+
+def _caches(k_cache: Any, v_cache: Any) -> tuple[Any, Any]:
+    """Validate the KV caches; return their numpy views (None on CUDA).
+
+    Every layer of every step passes the same cache tensors (two per layer), and validating
+    them plus two tensor -> numpy conversions cost ~4 µs a call, a measurable share of a small
+    decode step (benchmarks/attention.py), so a validated pair is remembered until either
+    tensor is freed. The views do not own the memory (a view that did would keep the tensors,
+    often GBs, alive for as long as the table holds it); a finalizer removes the entry when
+    either tensor dies, before its id or address can be reused."""
+    key = (id(k_cache), id(v_cache))
+    hit = _CACHES.get(key)
+    if hit is not None and k_cache.data_ptr() == hit[2] and v_cache.data_ptr() == hit[3]:
+        return hit[0], hit[1]
+    _check_caches(k_cache, v_cache)
+    if k_cache.is_cuda:
+        views: tuple[Any, Any] = (None, None)
+    else:
+        views = (_unowned_np(k_cache), _unowned_np(v_cache))
+    _CACHES[key] = (views[0], views[1], k_cache.data_ptr(), v_cache.data_ptr())
+    weakref.finalize(k_cache, _CACHES.pop, key, None)
+    weakref.finalize(v_cache, _CACHES.pop, key, None)
+    return views
 
 
 def _tensor(name: str, t: Any, ndim: int) -> torch.Tensor:
@@ -99,7 +118,7 @@ def _index(name: str, t: Any, ndim: int, dtype: torch.dtype, device: torch.devic
     return t
 
 
-def _caches(k_cache: Any, v_cache: Any) -> torch.Tensor:
+def _check_caches(k_cache: Any, v_cache: Any) -> None:
     _tensor("k_cache", k_cache, 4)
     _tensor("v_cache", v_cache, 4)
     if v_cache.shape != k_cache.shape:
@@ -115,7 +134,6 @@ def _caches(k_cache: Any, v_cache: Any) -> torch.Tensor:
                          f"{k_cache.device.type} (use one of {', '.join(map(str, allowed))})")
     if not (k_cache.is_cuda or k_cache.device.type == "cpu"):
         raise ValueError(f"k_cache is on {k_cache.device}: only cpu and cuda are supported")
-    return k_cache
 
 
 def _like_cache(name: str, t: Any, k_cache: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -132,7 +150,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     """Write key/value [num_tokens, num_kv_heads, head_dim] into the caches [num_blocks,
     block_size, num_kv_heads, head_dim] at slot_mapping [num_tokens] int64 (slot =
     block * block_size + offset; -1 = skip, e.g. padding)."""
-    _caches(k_cache, v_cache)
+    kc, vc = _caches(k_cache, v_cache)
     _like_cache("key", key, k_cache, 3)
     _like_cache("value", value, k_cache, 3)
     if key.shape[1:] != k_cache.shape[2:]:
@@ -149,12 +167,12 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
         return
     from . import cpu
 
-    cpu.write_kv_cache(_np(key), _np(value), _np_cache(k_cache), _np_cache(v_cache), slot_mapping.numpy())
+    cpu.write_kv_cache(_np(key), _np(value), kc, vc, slot_mapping.numpy())
 
 
 def _attention_args(out: Any, query: Any, k_cache: Any, v_cache: Any, block_tables: Any,
-                    context_lens: Any) -> None:
-    _caches(k_cache, v_cache)
+                    context_lens: Any) -> tuple[Any, Any]:
+    views = _caches(k_cache, v_cache)
     _like_cache("query", query, k_cache, 3)
     _like_cache("out", out, k_cache, 3)
     qshape = query.shape
@@ -173,6 +191,7 @@ def _attention_args(out: Any, query: Any, k_cache: Any, v_cache: Any, block_tabl
     if context_lens.shape[0] != block_tables.shape[0]:
         raise ValueError(f"context_lens has {context_lens.shape[0]} entries, block_tables "
                          f"{block_tables.shape[0]} rows")
+    return views
 
 
 def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor,
@@ -180,7 +199,7 @@ def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torc
                            context_lens: torch.Tensor, scale: float) -> None:
     """out[i] = attention of query[i] ([num_heads, head_dim], one new token per sequence) over
     the first context_lens[i] cached positions of sequence i (its own K/V already written)."""
-    _attention_args(out, query, k_cache, v_cache, block_tables, context_lens)
+    kc, vc = _attention_args(out, query, k_cache, v_cache, block_tables, context_lens)
     if query.shape[0] != context_lens.shape[0]:
         raise ValueError(f"query has {query.shape[0]} tokens for {context_lens.shape[0]} "
                          f"sequences (decode takes exactly one per sequence)")
@@ -190,7 +209,7 @@ def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torc
         return
     from . import cpu
 
-    cpu.attention(_np(out), _np(query), _np_cache(k_cache), _np_cache(v_cache), block_tables.numpy(),
+    cpu.attention(_np(out), _np(query), kc, vc, block_tables.numpy(),
                   context_lens.numpy(), _arange(context_lens.shape[0] + 1), scale)
 
 
@@ -216,7 +235,7 @@ def paged_attention_prefill(out: torch.Tensor, query: torch.Tensor, k_cache: tor
     is context_lens[i]: token j of the chunk sits at position context_lens[i] - n_i + j and
     attends to cache positions 0..that position. Serves whole prompts, chunked prefill and
     prefix reuse; n_i may be 0 (nothing written for it), and n_i == 1 is a decode step."""
-    _attention_args(out, query, k_cache, v_cache, block_tables, context_lens)
+    kc, vc = _attention_args(out, query, k_cache, v_cache, block_tables, context_lens)
     _index("query_start_loc", query_start_loc, 1, torch.int32, k_cache.device)
     if query_start_loc.shape[0] != context_lens.shape[0] + 1:
         raise ValueError(f"query_start_loc has {query_start_loc.shape[0]} entries for "
@@ -227,7 +246,7 @@ def paged_attention_prefill(out: torch.Tensor, query: torch.Tensor, k_cache: tor
         return
     from . import cpu
 
-    cpu.attention(_np(out), _np(query), _np_cache(k_cache), _np_cache(v_cache), block_tables.numpy(),
+    cpu.attention(_np(out), _np(query), kc, vc, block_tables.numpy(),
                   context_lens.numpy(), query_start_loc.numpy(), scale)
 
 
@@ -235,7 +254,7 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
                 dst: torch.Tensor) -> None:
     """Copy whole blocks src[i] -> dst[i] (int64 [n]) in both caches: copy-on-write of a block
     that several sequences share."""
-    _caches(k_cache, v_cache)
+    kc, vc = _caches(k_cache, v_cache)
     _index("src", src, 1, torch.int64, k_cache.device)
     _index("dst", dst, 1, torch.int64, k_cache.device)
     if src.shape != dst.shape:
@@ -245,7 +264,7 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
         return
     from . import cpu
 
-    cpu.copy_blocks(_np(k_cache), _np(v_cache), src.numpy(), dst.numpy())
+    cpu.copy_blocks(kc, vc, src.numpy(), dst.numpy())
 
 
 def warmup(dtypes: Iterable[torch.dtype] = (torch.float32,), device: str = "cpu") -> None:

@@ -35,6 +35,11 @@ MIN_SPLIT = 64
 # balances, few enough that the merge stays negligible.
 ITEMS_PER_THREAD = 4
 _LOG2E = 1.4426950408889634
+# Batches whose sum over sequences of context x new tokens is at most this run serially: with
+# the pool asleep, a parallel call costs ~60-110 µs more than a serial one on this 2-core VM,
+# which breaks even at ~1000-2000 positions of one decode token (measured with the default
+# model's shapes: `python benchmarks/attention.py --serial-sweep`).
+SERIAL_WORK = 1024
 
 # Columns of the item table: sequence, first KV head, KV heads, first token of the tile (within
 # the sequence's chunk), tokens in the tile, context range [lo, hi), partial slot or -1.
@@ -214,11 +219,10 @@ def _plan(context_lens, query_start_loc, num_heads, num_kv_heads, block_size, nt
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _prefetch_block(k, v, row0, nrows, lines):
-    """Prefetch rows [row0, row0 + nrows) of k and v ([rows, head_dim], C-contiguous): one hint
-    per cache line (``lines`` elements)."""
-    dim = k.shape[1]
-    for x in range(row0 * dim, (row0 + nrows) * dim, lines):
+def _prefetch_span(k, v, start, stop, line):
+    """Prefetch elements [start, stop) of k and v (flat, C-contiguous): one hint per cache line
+    (``line`` elements)."""
+    for x in range(start, stop, line):
         prefetch(k, x)
         prefetch(v, x)
 
@@ -245,6 +249,8 @@ def _run_item(out, q, k, v, block_table, ctx, n, tok0, it, num_heads, num_kv_hea
     rows = nh * nq * group
     first_pos = ctx - n + j0  # absolute position of the tile's first query token
     line = 64 // k.itemsize
+    block_elems = block_size * num_kv_heads * dim
+    per_row = (block_elems // line + rows - 1) // rows * line  # prefetch share, whole lines
 
     for r in range(rows):
         hh = r // (nq * group)
@@ -264,12 +270,20 @@ def _run_item(out, q, k, v, block_table, ctx, n, tok0, it, num_heads, num_kv_hea
         cnt = t_hi - t_lo
         # Rows of this block's first used slot, all heads: [cnt * num_kv_heads, head_dim].
         row0 = (block_table[b] * block_size + t_lo - b * block_size) * num_kv_heads
+        # The next physical block is at an unpredictable address, so the hardware prefetcher
+        # cannot guess it: hint it, a share per query row of this block. Issued all at once,
+        # its 2 x 192 lines overflowed the core's few outstanding-miss buffers and the loads
+        # stalled until memory answered (spreading them: 0.83x instead of 1.13x SDPA's time at
+        # B=32, ctx 2048 in benchmarks/attention.py).
+        nxt = -1
         if b + 1 < b_end:
-            nxt = block_table[b + 1] * block_size * num_kv_heads
-            _prefetch_block(k, v, nxt, block_size * num_kv_heads, line)
+            nxt = block_table[b + 1] * block_elems
         kf, koff = stage(k, row0, cnt, h0, nh, num_kv_heads, kbuf)
         vf, voff = stage(v, row0, cnt, h0, nh, num_kv_heads, vbuf)
         for r in range(rows):
+            if nxt >= 0:
+                _prefetch_span(k, v, nxt + r * per_row, min(nxt + (r + 1) * per_row,
+                                                            nxt + block_elems), line)
             hh = r // (nq * group)
             jj = (r // group) % nq
             # Causal: row r is the query at position first_pos + jj.
@@ -385,7 +399,7 @@ def _thread(t, out, q, k, v, block_tables, context_lens, query_start_loc, num_he
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _attention(out, q, k, v, block_tables, context_lens, query_start_loc, num_heads, num_kv_heads,
-               block_size, scale, nthreads):
+               block_size, scale, nthreads, serial_work):
     """out, q: [num_tokens * num_heads, head_dim]; k, v: [num_blocks * block_size * num_kv_heads,
     head_dim]; block_tables [num_seqs, max_blocks] int32; context_lens [num_seqs] int32;
     query_start_loc [num_seqs + 1] int32; scale already includes log2(e). Returns 0, or an
@@ -394,6 +408,13 @@ def _attention(out, q, k, v, block_tables, context_lens, query_start_loc, num_he
                  k.shape[0] // (block_size * num_kv_heads), block_size)
     if err:
         return err
+    # Small batches run on the calling thread alone: waking the pool (sleeping threads, see
+    # OMP_WAIT_POLICY in __init__) costs more than it saves below serial_work.
+    work = 0
+    for i in range(context_lens.shape[0]):
+        work += np.int64(context_lens[i]) * (query_start_loc[i + 1] - query_start_loc[i])
+    if work <= serial_work:
+        nthreads = 1
     items, order, bounds, merges, npart = _plan(context_lens, query_start_loc, num_heads,
                                                 num_kv_heads, block_size, nthreads)
     dim = q.shape[1]
@@ -402,11 +423,16 @@ def _attention(out, q, k, v, block_tables, context_lens, query_start_loc, num_he
     part_acc = np.empty((max(npart, 1) * ALL_HEADS_ROWS, dim), np.float32)
     scale32 = np.float32(scale)
 
-    for t in prange(nthreads):
-        # The body is a separate function so that the parfor passes (slow: they analyse every
-        # statement of the loop body) see one call; it halves the cold compile time.
-        _thread(t, out, q, k, v, block_tables, context_lens, query_start_loc, num_heads,
+    if nthreads == 1:
+        _thread(0, out, q, k, v, block_tables, context_lens, query_start_loc, num_heads,
                 num_kv_heads, block_size, scale32, items, order, bounds, part_m, part_l, part_acc)
+    else:
+        for t in prange(nthreads):
+            # The body is a separate function so that the parfor passes (slow: they analyse
+            # every statement of the loop body) see one call; it halves the cold compile time.
+            _thread(t, out, q, k, v, block_tables, context_lens, query_start_loc, num_heads,
+                    num_kv_heads, block_size, scale32, items, order, bounds, part_m, part_l,
+                    part_acc)
 
     _merge(out, part_m, part_l, part_acc, merges, query_start_loc, num_heads, num_kv_heads)
     return 0
@@ -414,10 +440,12 @@ def _attention(out, q, k, v, block_tables, context_lens, query_start_loc, num_he
 
 def attention(out: np.ndarray, query: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
               block_tables: np.ndarray, context_lens: np.ndarray, query_start_loc: np.ndarray,
-              scale: float, nthreads: int | None = None) -> None:
+              scale: float, nthreads: int | None = None, serial_work: int = SERIAL_WORK) -> None:
     """Paged causal attention for chunks of new tokens (decode = chunks of one).
 
     nthreads: how many shares to plan for (default: Numba's thread count; tests vary it).
+    serial_work: batches with sum(context_len x new tokens) up to this run on the calling
+    thread (tests pass 0 to drive the parallel path with small inputs).
 
     out, query: [num_tokens, num_heads, head_dim]; caches: [num_blocks, block_size,
     num_kv_heads, head_dim]; float32 or int16 (bfloat16 bits), all the same dtype.
@@ -427,8 +455,7 @@ def attention(out: np.ndarray, query: np.ndarray, k_cache: np.ndarray, v_cache: 
     err = _attention(out.reshape(-1, head_dim), query.reshape(-1, head_dim),
                      k_cache.reshape(-1, head_dim), v_cache.reshape(-1, head_dim), block_tables,
                      context_lens, query_start_loc, num_heads, num_kv_heads, block_size,
-                     float(scale) * _LOG2E,
-                     nthreads or numba.get_num_threads())
+                     float(scale) * _LOG2E, nthreads or numba.get_num_threads(), serial_work)
     if err:
         raise ValueError(_ERRORS[err])
 

@@ -86,6 +86,39 @@ def test_prefill(shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
     assert rel_err(out, reference_attention(c)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("serial_work", [0, 1 << 40])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_serial_and_parallel_paths(shape: tuple[int, int, int, int], serial_work: int) -> None:
+    """Small batches run on the calling thread (cpu.SERIAL_WORK), so drive both paths with
+    the same small decode and prefill batch."""
+    h, kvh, d, bs = shape
+    c = random_case(_rng("paths", shape, serial_work), [1, 1, 5, 1], [7, bs + 1, 2 * bs, 40],
+                    num_heads=h, num_kv_heads=kvh, head_dim=d, block_size=bs)
+    out = _poisoned(c.q)
+    cpu.attention(out.numpy(), c.q.numpy(), c.k_cache.numpy(), c.v_cache.numpy(),
+                  c.block_tables.numpy(), c.context_lens.numpy(), c.query_start_loc.numpy(),
+                  c.scale, nthreads=2, serial_work=serial_work)
+    assert rel_err(out, reference_attention(c)) <= 1e-5
+
+
+def test_cache_views_are_remembered_and_dropped() -> None:
+    """The dispatcher remembers validated cache pairs by identity; the entry must go when a
+    tensor dies (its id and address may then be reused by another cache)."""
+    import gc
+
+    k = torch.randn(4, 16, 3, 64)
+    v = torch.randn(4, 16, 3, 64)
+    before = len(nk._CACHES)
+    a, b = nk._caches(k, v)
+    assert np.shares_memory(a, k.numpy()) and np.array_equal(b, v.numpy())
+    assert nk._caches(k, v)[0] is a
+    del k
+    gc.collect()
+    assert len(nk._CACHES) == before
+    with pytest.raises(ValueError, match="k_cache must be contiguous"):
+        nk._caches(torch.randn(4, 3, 16, 64).transpose(1, 2), v)
+
+
 @pytest.mark.parametrize("nthreads", [1, 2, 5])
 def test_context_split_and_merge(nthreads: int) -> None:
     """Few long sequences are split along the context (flash-decoding) and merged; the plan
