@@ -46,6 +46,7 @@ def main() -> None:
     llama.linear = timed("linear", llama.linear)  # type: ignore[assignment]
     llama.rms_norm = timed("rms_norm", llama.rms_norm)  # type: ignore[assignment]
     llama.apply_rope = timed("rope", llama.apply_rope)  # type: ignore[assignment]
+    llama.cpu_ops.rope_ = timed("rope", llama.cpu_ops.rope_)  # type: ignore[assignment]  # fused path
     for name in ("write_kv_cache", "paged_attention_decode", "paged_attention_prefill"):
         setattr(numba_kernels, name, timed(name, getattr(numba_kernels, name)))
     llm = LLM(model="default", dtype=args.dtype, kv_cache_memory=1 << 30, max_num_seqs=max(64, args.batch))

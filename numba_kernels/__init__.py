@@ -273,9 +273,10 @@ def warmup(dtypes: Iterable[torch.dtype] = (torch.float32,), device: str = "cpu"
     if torch.device(device).type == "cuda":
         _cuda().warmup(dtypes=tuple(dtypes))
         return
-    from . import cpu
+    from . import cpu, cpu_ops
 
     for dtype in dtypes:
         if dtype not in _CPU_DTYPES:
             raise ValueError(f"dtype {dtype} is not supported on cpu")
         cpu.warmup(dtype)
+    cpu_ops.warmup()

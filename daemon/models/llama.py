@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from numba_kernels import cpu_ops
+
 from .config import ModelConfig
 
 
@@ -108,8 +110,21 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return F.linear(x, w, bias)
 
 
+# float32 batches of up to this many tokens on the CPU run RMSNorm and RoPE as one Numba call
+# each (numba_kernels.cpu_ops: torch's chains of small ops cost ~23-25 µs per call on a decode
+# row); larger batches keep torch's multi-threaded ops.
+FUSED_MAX_TOKENS = 64
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+            and x.shape[0] <= FUSED_MAX_TOKENS and not x.requires_grad)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # x: [T, hidden]. Statistics in float32 whatever the model dtype, as the reference does.
+    if _fused(x) and weight.dtype == torch.float32:
+        return torch.from_numpy(cpu_ops.rms_norm(x.numpy(), weight.numpy(), eps))
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -149,12 +164,23 @@ class LlamaModel:
         T = input_ids.shape[0]
         cos, sin = self.rope_tables(positions)
         h = F.embedding(input_ids, w.embed)
+        # Few float32 tokens on the CPU: RoPE in place on q and k of the fused projection, one
+        # call per layer (bit-identical to apply_rope).
+        fused = _fused(h)
+        if fused:
+            cos_np, sin_np = cos.reshape(T, -1).numpy(), sin.reshape(T, -1).numpy()
         for i, lw in enumerate(w.layers):
             x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
             qkv = linear(x, lw.qkv, lw.qkv_bias)
+            if fused:
+                cpu_ops.rope_(qkv.numpy(), cos_np, sin_np, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
             q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
-            q = apply_rope(q.view(T, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.view(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            if fused:
+                q = q.reshape(T, cfg.num_heads, cfg.head_dim).contiguous()
+                k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
+            else:
+                q = apply_rope(q.view(T, cfg.num_heads, cfg.head_dim), cos, sin)
+                k = apply_rope(k.view(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
             v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
             a = attend(i, q, k, v)
             h = h + linear(a.reshape(T, cfg.q_size), lw.o)
