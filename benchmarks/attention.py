@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import os
 
-# As the daemon does (numba_kernels sets it too, but torch is imported first here): two OpenMP
-# runtimes that spin after each region stall each other when their work alternates.
+# As the daemon runs (numba_kernels sets them too, but torch is imported first here): passive
+# waiting after a bounded spin.
 if "--interleave" not in " ".join(__import__("sys").argv):
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -134,7 +135,8 @@ def run_table(args: argparse.Namespace) -> None:
     print(f"<!-- {' '.join([os.path.basename(sys.executable)] + sys.argv)} -->")
     print(f"<!-- numba {numba.__version__} threading layer {numba.threading_layer()}, "
           f"{numba.get_num_threads()} numba threads, {torch.get_num_threads()} torch threads; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; copy bandwidth {bw:.1f} GB/s "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; copy bandwidth {bw:.1f} GB/s "
           f"(read + write, {os.cpu_count()} CPUs); "
           f"times are the best of {args.reps} rounds -->")
     print("| dtype | batch | context | paged µs | SDPA contiguous µs | gather+SDPA µs | "
@@ -262,7 +264,8 @@ def run_serial_sweep(args: argparse.Namespace) -> None:
     print()
     print(f"<!-- {' '.join([os.path.basename(sys.executable)] + sys.argv)} -->")
     print(f"<!-- {__import__('numba').get_num_threads()} numba threads; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; best of {args.reps}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; best of {args.reps}; "
           f"cpu.SERIAL_WORK = {cpu.SERIAL_WORK} -->")
     print("| batch | context | total context | serial µs | pool µs | serial / pool |")
     print("|---:|---:|---:|---:|---:|---:|")

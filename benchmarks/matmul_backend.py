@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as inflightd runs
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -46,14 +46,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# inflightd's two OpenMP runtimes (torch's and Numba's) must not spin: the policy is read when
-# torch loads, so it is set before torch is imported (inflightd does the same at import; a
-# user's setting wins). The transformers baselines run in a child process with the runtime's
-# default policy, as transformers users run it.
+# inflightd's OpenMP settings (passive waiting after a bounded spin, see inflightd/__init__.py)
+# are read when torch loads, so they are set before torch is imported (inflightd does the same
+# at import; a user's setting wins). The transformers baselines run in a child process with the
+# runtime's defaults, as transformers users run it.
 USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+USER_SPINCOUNT = os.environ.get("GOMP_SPINCOUNT")
 HF_CHILD = "INFLIGHTD_BENCH_HF_CHILD"  # set in the baselines' process: leave its policy alone
 if HF_CHILD not in os.environ:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import torch  # noqa: E402
 
@@ -301,6 +303,8 @@ def run_hf_child(args: argparse.Namespace, work: Workload) -> list[Row]:
     (unless the user set one), no Numba pool beside it."""
     if USER_WAIT_POLICY is None:
         os.environ.pop("OMP_WAIT_POLICY", None)
+    if USER_SPINCOUNT is None:
+        os.environ.pop("GOMP_SPINCOUNT", None)
     os.environ[HF_CHILD] = "1"
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -308,6 +312,7 @@ def run_hf_child(args: argparse.Namespace, work: Workload) -> list[Row]:
     finally:
         del os.environ[HF_CHILD]
         os.environ["OMP_WAIT_POLICY"] = USER_WAIT_POLICY or "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = USER_SPINCOUNT or "10000"
 
 
 # ---------------------------------------------------------------------------------- report
@@ -327,7 +332,8 @@ def machine_facts() -> str:
     return (
         f"{model}; {os.cpu_count()} logical cores ({len(os.sched_getaffinity(0))} usable); "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, Numba {numba.get_num_threads()} threads; "
-        f"transformers {transformers.__version__}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')} for inflightd, "
+        f"transformers {transformers.__version__}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}, "
+        f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT')} for inflightd, "
         f"{USER_WAIT_POLICY or 'runtime default'} for transformers (own process); load average at the end {load}"
     )
 

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 # 0.08 ms per alternation). libgomp reads this once, when torch is first imported, so it is set
 # here, before any module of the package imports torch. An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# ...but spin briefly first: waking sleeping workers costs ~60-110 µs on a VM, and a decode step
+# of one sequence starts ~120 short parallel regions (see numba_kernels/__init__.py).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 if TYPE_CHECKING:
     from .llm import LLM, RequestOutput

@@ -18,6 +18,13 @@ Threading (set here, at import, because both choices are fixed at first use; a u
   default spinning, 0.4 ms with ``GOMP_SPINCOUNT=10000`` and 0.076 ms with passive waiting.
   Torch's runtime reads the variable when torch is first imported, so import numba_kernels
   (or set the variable, e.g. in the service unit) before torch; Numba's runtime loads here.
+- ``GOMP_SPINCOUNT=10000``: with a bare passive policy every parallel region wakes sleeping
+  workers, ~60-110 µs on this VM, and a single-sequence decode step runs ~120 of them (one
+  quantized product per linear, ``cpu_qmatmul``) a few tens of µs apart: that doubled the
+  products' time (``python benchmarks/qgemv.py``). A bounded spin (~0.1-0.2 ms) bridges those
+  gaps and still lets an idle daemon sleep. (Numba's omppool binds to the libgomp that torch
+  loaded first, with global symbols, so in practice one runtime serves both; the setting
+  reaches it through torch's import.)
 
 This package imports nothing from `inflightd`.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch and Numba load libgomp
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import ctypes  # noqa: E402
 import weakref  # noqa: E402
@@ -273,10 +281,11 @@ def warmup(dtypes: Iterable[torch.dtype] = (torch.float32,), device: str = "cpu"
     if torch.device(device).type == "cuda":
         _cuda().warmup(dtypes=tuple(dtypes))
         return
-    from . import cpu, cpu_ops
+    from . import cpu, cpu_ops, cpu_qmatmul
 
     for dtype in dtypes:
         if dtype not in _CPU_DTYPES:
             raise ValueError(f"dtype {dtype} is not supported on cpu")
         cpu.warmup(dtype)
     cpu_ops.warmup()
+    cpu_qmatmul.warmup()

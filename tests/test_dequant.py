@@ -211,3 +211,29 @@ def test_default_model_matches_reference(default_gguf: Path) -> None:
             raise AssertionError(f"{tensor.name} ({tensor.tensor_type.name})") from exc
         seen.add(tensor.tensor_type.name)
     assert {"Q4_1", "Q8_0", "F32"} <= seen
+
+
+@pytest.mark.parametrize("qtype", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_0,
+                                   GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q8_0])
+def test_block_codes_rebuild_the_dequantized_weights(qtype: GGMLQuantizationType) -> None:
+    """d * q + m per 32-element block (the form numba_kernels.cpu_qmatmul multiplies with) gives
+    back exactly what dequantize gives, for random blocks of every type that has the form."""
+    rng = np.random.default_rng(int(qtype))
+    shape = (6, 4 * 32)
+    raw = _random_blocks(rng, qtype, shape)
+    codes = dequant.block_codes(raw, qtype, shape)
+    assert codes is not None
+    q, d, m = codes
+    assert q.dtype == torch.int8 and q.shape == shape and d.shape == m.shape == (6, 4)
+    rebuilt = (q.float().view(6, 4, 32) * d[:, :, None] + m[:, :, None]).view(shape)
+    want = dequantize(raw, qtype, shape)
+    # Equal values (for the symmetric types, -0.0 * d + 0 is +0.0 where dequantize has -0.0).
+    assert torch.isfinite(want).all() and torch.equal(rebuilt, want)
+
+
+def test_block_codes_only_for_affine_block_types() -> None:
+    rng = np.random.default_rng(7)
+    shape = (2, 256)
+    raw = _random_blocks(rng, GGMLQuantizationType.Q4_K, shape)
+    assert dequant.block_codes(raw, GGMLQuantizationType.Q4_K, shape) is None
+    assert dequant.block_codes(np.zeros(64, np.float32), GGMLQuantizationType.F32, (2, 32)) is None

@@ -301,3 +301,64 @@ def dequantize(
             for s in _spans(stop - start, block_size):
                 dest[s].copy_(staged[s])
     return out.view(shape)
+
+
+# ---- integer codes for the quantized matrix-vector product ------------------------------
+
+
+def _codes_q4_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return _nibbles(b[:, 2:18]).view(torch.int8).sub_(8), _half(b, 0), None
+
+
+def _codes_q4_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    dm = _half(b, 0, 2)
+    return _nibbles(b[:, 4:20]).view(torch.int8), dm[:, 0:1], dm[:, 1:2]
+
+
+def _codes_q5_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    q = _or_fifth_bits(_nibbles(b[:, 6:22]), b[:, 2:6]).view(torch.int8).sub_(16)
+    return q, _half(b, 0), None
+
+
+def _codes_q5_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    dm = _half(b, 0, 2)
+    return _or_fifth_bits(_nibbles(b[:, 8:24]), b[:, 4:8]).view(torch.int8), dm[:, 0:1], dm[:, 1:2]
+
+
+def _codes_q8_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return b[:, 2:34].view(torch.int8).clone(), _half(b, 0), None
+
+
+_CODES: dict[GGMLQuantizationType, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
+    _T.Q4_0: _codes_q4_0,
+    _T.Q4_1: _codes_q4_1,
+    _T.Q5_0: _codes_q5_0,
+    _T.Q5_1: _codes_q5_1,
+    _T.Q8_0: _codes_q8_0,
+}
+
+
+def block_codes(
+    raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The 32-element block types as integer codes and per-block scale and offset:
+    (q int8 [rows, cols], d float32 [rows, cols / 32], m float32 [rows, cols / 32]) with
+    ``dequantize(...)[r, 32 j + i] == d[r, j] * q[r, 32 j + i] + m[r, j]`` (m zeros for the
+    symmetric types), for a 2-D tensor; None for every other type (no such form)."""
+    qtype = _resolve_type(qtype)
+    codes = _CODES.get(qtype)
+    if codes is None or len(shape) != 2:
+        return None
+    rows, cols = (int(s) for s in shape)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if cols % block_size:
+        raise ValueError(f"block_codes: {qtype.name} rows must be a multiple of {block_size} elements")
+    data = np.ascontiguousarray(np.asarray(raw)).reshape(-1).view(np.uint8)
+    n_blocks = rows * cols // block_size
+    if data.size != n_blocks * type_size:
+        raise ValueError(f"block_codes: {qtype.name} tensor of shape {shape} needs {n_blocks * type_size} bytes")
+    blocks = torch.from_numpy(np.array(data)).view(n_blocks, type_size)
+    q, d, m = codes(blocks)
+    nb = cols // block_size
+    offset = torch.zeros(rows, nb) if m is None else m.reshape(rows, nb).contiguous()
+    return q.reshape(rows, cols).contiguous(), d.reshape(rows, nb).contiguous(), offset

@@ -13,11 +13,12 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from numba_kernels import cpu_ops
+from numba_kernels import cpu_ops, cpu_qmatmul
 
 from .config import ModelConfig
 
@@ -30,6 +31,19 @@ class Attend(Protocol):
 
 
 @dataclass
+class QuantWeight:
+    """A [out, in] weight kept as GGUF block codes besides its float copy: W[r, 32j + i] =
+    d[r, j] * q[r, 32j + i] + m[r, j] exactly (numba_kernels.cpu_qmatmul)."""
+
+    q: np.ndarray  # int8 [out, in]
+    d: np.ndarray  # float32 [out, in / 32]
+    m: np.ndarray  # float32 [out, in / 32]
+
+    def num_bytes(self) -> int:
+        return int(self.q.nbytes + self.d.nbytes + self.m.nbytes)
+
+
+@dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [hidden]
     qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]: q, k, v stacked so one matmul serves all three
@@ -38,6 +52,12 @@ class LayerWeights:
     ffn_norm: torch.Tensor  # [hidden]
     gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate rows first, then up
     down: torch.Tensor  # [hidden, intermediate]
+    # The same weights as block codes, where the checkpoint has them (CPU float32 models): one
+    # token's products read 4x fewer bytes (see `linear`).
+    qkv_q: QuantWeight | None = None
+    o_q: QuantWeight | None = None
+    gate_up_q: QuantWeight | None = None
+    down_q: QuantWeight | None = None
 
 
 @dataclass
@@ -47,6 +67,7 @@ class LlamaWeights:
     norm: torch.Tensor  # [hidden]
     lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when tied
     rope_freq_factors: torch.Tensor | None = None  # [rope_dim / 2] divisors (GGUF rope_freqs, llama3)
+    lm_head_q: QuantWeight | None = None  # lm_head as block codes (see LayerWeights.qkv_q)
 
     def num_bytes(self) -> int:
         seen: set[int] = set()
@@ -55,7 +76,13 @@ class LlamaWeights:
             if id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
-        return total
+        return total + sum(qw.num_bytes() for qw in self.quant_weights())
+
+    def quant_weights(self) -> list[QuantWeight]:
+        out = [] if self.lm_head_q is None else [self.lm_head_q]
+        for lw in self.layers:
+            out += [qw for qw in (lw.qkv_q, lw.o_q, lw.gate_up_q, lw.down_q) if qw is not None]
+        return out
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.embed, self.norm, self.lm_head]
@@ -102,8 +129,27 @@ if CPU_MATMUL not in ("numpy", "torch"):
     raise ValueError(f"INFLIGHTD_CPU_MATMUL must be 'numpy' or 'torch', got {CPU_MATMUL!r}")
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    # x: [T, in]; w: [out, in]; bias: [out] → [T, out] (F.linear).
+# One token's products against weights kept as block codes: `numba_kernels.cpu_qmatmul` reads
+# 1 byte per weight instead of 4 (single-sequence decode is bound by memory bandwidth).
+# INFLIGHTD_CPU_QGEMV=0 keeps float32 BLAS for them too, for comparison.
+CPU_QGEMV = os.environ.get("INFLIGHTD_CPU_QGEMV", "1") != "0"
+_QGEMV_CHUNKS: list[int] = []
+
+
+def _qgemv(x: torch.Tensor, wq: QuantWeight) -> torch.Tensor:
+    if not _QGEMV_CHUNKS:  # numba.get_num_threads() costs ~2 µs a call; the pool size is fixed
+        _QGEMV_CHUNKS.append(numba.get_num_threads())
+    xv = np.ascontiguousarray(x.numpy()[0])
+    return torch.from_numpy(cpu_qmatmul.qgemv(xv, wq.q, wq.d, wq.m, _QGEMV_CHUNKS[0])).view(1, -1)
+
+
+def linear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, wq: QuantWeight | None = None
+) -> torch.Tensor:
+    # x: [T, in]; w: [out, in]; bias: [out]; wq: w as block codes, if kept → [T, out] (F.linear).
+    if wq is not None and x.shape[0] == 1 and _fused(x):
+        out = _qgemv(x, wq)
+        return out if bias is None else out.add_(bias)
     if CPU_MATMUL == "numpy" and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad:
         out = torch.from_numpy(np.matmul(x.numpy(), w.numpy().T))
         return out if bias is None else out.add_(bias)
@@ -171,7 +217,7 @@ class LlamaModel:
             cos_np, sin_np = cos.reshape(T, -1).numpy(), sin.reshape(T, -1).numpy()
         for i, lw in enumerate(w.layers):
             x = rms_norm(h, lw.attn_norm, cfg.rms_norm_eps)
-            qkv = linear(x, lw.qkv, lw.qkv_bias)
+            qkv = linear(x, lw.qkv, lw.qkv_bias, lw.qkv_q)
             if fused:
                 cpu_ops.rope_(qkv.numpy(), cos_np, sin_np, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
             q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
@@ -183,17 +229,17 @@ class LlamaModel:
                 k = apply_rope(k.view(T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
             v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
             a = attend(i, q, k, v)
-            h = h + linear(a.reshape(T, cfg.q_size), lw.o)
+            h = h + linear(a.reshape(T, cfg.q_size), lw.o, wq=lw.o_q)
             x = rms_norm(h, lw.ffn_norm, cfg.rms_norm_eps)
-            gate, up = linear(x, lw.gate_up).chunk(2, dim=-1)
-            h = h + linear(F.silu(gate) * up, lw.down)
+            gate, up = linear(x, lw.gate_up, wq=lw.gate_up_q).chunk(2, dim=-1)
+            h = h + linear(F.silu(gate) * up, lw.down, wq=lw.down_q)
         return rms_norm(h, w.norm, cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] → [N, vocab] float32. Callers pass only the rows they sample from:
         # the vocab projection is the largest matmul of a step.
-        return linear(hidden, self.weights.lm_head).float()
+        return linear(hidden, self.weights.lm_head, wq=self.weights.lm_head_q).float()
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from . import llama
 from .config import ModelConfig, ModelConfigError
 from .gguf_file import GGUFFile
-from .llama import LayerWeights, LlamaModel, LlamaWeights
+from .llama import LayerWeights, LlamaModel, LlamaWeights, QuantWeight
 
 log = logging.getLogger("inflightd.loader")
 
@@ -141,7 +143,46 @@ def load_gguf(
             out = _unpermute_qk(out, config.num_kv_heads)
         return out
 
-    return config, _assemble(config, get, dtype, device)
+    weights = _assemble(config, get, dtype, device)
+    if dtype == torch.float32 and device.type == "cpu" and llama.CPU_QGEMV:
+        _attach_block_codes(config, weights, tensors, permute)
+    return config, weights
+
+
+def _attach_block_codes(config: ModelConfig, weights: LlamaWeights, tensors: dict[str, Any], permute: bool) -> None:
+    """Keep each linear's GGUF block codes beside its float32 copy where the checkpoint is in a
+    32-element block type (llama.linear uses them for one-token products). All or nothing per
+    fused weight: q, k and v (or gate and up) must all have codes."""
+    from .dequant import block_codes
+
+    def codes(name: str) -> tuple[torch.Tensor, ...] | None:
+        t = tensors.get(name)
+        c = None if t is None else block_codes(t.data, t.qtype, t.shape)
+        if c is None:
+            return None
+        if permute and name.endswith("attn_q.weight"):
+            return tuple(_unpermute_qk(a, config.num_heads) for a in c)
+        if permute and name.endswith("attn_k.weight"):
+            return tuple(_unpermute_qk(a, config.num_kv_heads) for a in c)
+        return c
+
+    def fused(*names: str) -> QuantWeight | None:
+        parts = [codes(n) for n in names]
+        if any(p is None for p in parts):
+            return None
+        q, d, m = (torch.cat([p[i] for p in parts if p is not None]).numpy() for i in range(3))
+        if q.shape[0] % 2:  # the kernel takes rows in pairs
+            return None
+        return QuantWeight(np.ascontiguousarray(q), np.ascontiguousarray(d), np.ascontiguousarray(m))
+
+    for i, lw in enumerate(weights.layers):
+        p = f"blk.{i}."
+        lw.qkv_q = fused(p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight")
+        lw.o_q = fused(p + "attn_output.weight")
+        lw.gate_up_q = fused(p + "ffn_gate.weight", p + "ffn_up.weight")
+        lw.down_q = fused(p + "ffn_down.weight")
+    head = "token_embd.weight" if weights.lm_head is weights.embed else "output.weight"
+    weights.lm_head_q = fused(head)
 
 
 # --------------------------------------------------------------------------------- safetensors
@@ -227,7 +268,6 @@ def load_hf_dir(
     return config, _assemble(config, get, dtype, device)
 
 
-# ----------------------------------------------------------------------------------- dispatch
 def load_model(
     path: str | os.PathLike[str],
     dtype: str | torch.dtype = "float32",

@@ -1,0 +1,115 @@
+"""One decode token's linears of the default model: float32 BLAS against the GGUF block codes
+(numba_kernels.cpu_qmatmul), under each OpenMP wait setting.
+
+Every linear of every layer plus the vocab projection, in model order, for one token (what a
+single-sequence decode step multiplies), with a few µs of Python between the calls as the
+forward has. Each configuration runs in a fresh process because libgomp reads its settings
+once, when it loads:
+
+- ``GOMP_SPINCOUNT=10000`` (inflightd's default, with OMP_WAIT_POLICY=PASSIVE): workers spin
+  ~0.1-0.2 ms after a parallel region before sleeping;
+- ``GOMP_SPINCOUNT=0``: they sleep at once (what OMP_WAIT_POLICY=PASSIVE alone gives), so each
+  region pays a wake-up.
+
+The model is loaded on a thread that then exits (as `LLM` does, see `run_on_own_thread`), and
+the products run on the main thread. Times are the best of ``--reps``; the two methods alternate
+within each repetition. The markdown table comes last.
+
+    python benchmarks/qgemv.py [--reps 15]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import inflightd  # noqa: F401  (first: it sets the OpenMP environment before torch loads)
+
+
+def child(reps: int) -> None:
+    import numba
+    import numpy as np
+    import torch
+
+    import numba_kernels
+    from inflightd.llm import run_on_own_thread
+    from inflightd.models import llama
+    from inflightd.models.loader import load_model
+    from inflightd.store import resolve_model
+
+    def load() -> llama.LlamaModel:
+        model, _ = load_model(resolve_model("default"), "float32", "cpu")
+        numba_kernels.warmup()
+        return model
+
+    model = run_on_own_thread(load)
+    w = model.weights
+    cfg = model.config
+    steps: list[tuple[torch.Tensor, llama.QuantWeight]] = []
+    for lw in w.layers:
+        assert lw.qkv_q and lw.o_q and lw.gate_up_q and lw.down_q
+        steps += [(lw.qkv, lw.qkv_q), (lw.o, lw.o_q), (lw.gate_up, lw.gate_up_q), (lw.down, lw.down_q)]
+    assert w.lm_head_q is not None
+    steps.append((w.lm_head, w.lm_head_q))
+    g = torch.Generator().manual_seed(0)
+    xs = {k: torch.randn(1, k, generator=g) for k in {t.shape[1] for t, _ in steps}}
+
+    def blas() -> None:
+        for t, _ in steps:
+            torch.from_numpy(np.matmul(xs[t.shape[1]].numpy(), t.numpy().T))
+
+    def codes() -> None:
+        for t, q in steps:
+            llama._qgemv(xs[t.shape[1]], q)
+
+    x = xs[cfg.hidden_size]
+    err = float((llama._qgemv(x, w.layers[0].gate_up_q).double() - x.double() @ w.layers[0].gate_up.double().T).norm()
+                / (x.double() @ w.layers[0].gate_up.double().T).norm())
+    best = {"blas": float("inf"), "codes": float("inf")}
+    blas()
+    codes()
+    for _ in range(reps):
+        for name, fn in (("blas", blas), ("codes", codes)):
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    f32_bytes = sum(t.numel() * 4 for t, _ in steps)
+    code_bytes = sum(q.num_bytes() for _, q in steps)
+    print(json.dumps({"blas_ms": best["blas"] * 1e3, "codes_ms": best["codes"] * 1e3, "rel_err": err,
+                      "f32_mb": f32_bytes / 1e6, "code_mb": code_bytes / 1e6,
+                      "threads": numba.get_num_threads()}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.reps)
+        return
+    rows = []
+    for spin in ("10000", "0"):
+        env = dict(os.environ, GOMP_SPINCOUNT=spin)
+        env.pop("OMP_WAIT_POLICY", None)  # inflightd sets PASSIVE
+        p = subprocess.run([sys.executable, __file__, "--child", "--reps", str(args.reps)], env=env,
+                           capture_output=True, text=True, check=True)
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        rows.append((spin, r))
+        print(spin, r, flush=True)
+    print()
+    print(f"<!-- {' '.join([os.path.basename(sys.executable)] + sys.argv)} -->")
+    print(f"<!-- {rows[0][1]['threads']} threads; best of {args.reps}; weights per token: float32 "
+          f"{rows[0][1]['f32_mb']:.0f} MB, codes {rows[0][1]['code_mb']:.0f} MB; "
+          f"codes vs float64 rel. error {rows[0][1]['rel_err']:.1e} -->")
+    print("| GOMP_SPINCOUNT | float32 BLAS ms | block codes ms | codes / BLAS |")
+    print("|---:|---:|---:|---:|")
+    for spin, r in rows:
+        print(f"| {spin} | {r['blas_ms']:.1f} | {r['codes_ms']:.1f} | {r['codes_ms'] / r['blas_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
