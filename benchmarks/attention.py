@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import os
 
-# As the daemon runs (numba_kernels sets them too, but torch is imported first here): passive
-# waiting after a bounded spin.
+# As the daemon runs its multi-token steps (numba_kernels sets the policy too, but torch is
+# imported first here): workers sleep after a region (inflightd throttles libgomp's spin for
+# every step but single-token ones, see inflightd/omp_spin.py).
 if "--interleave" not in " ".join(__import__("sys").argv):
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    os.environ.setdefault("GOMP_SPINCOUNT", "0")
 
 import argparse  # noqa: E402
 import json  # noqa: E402

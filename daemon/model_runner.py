@@ -15,6 +15,7 @@ import torch
 
 from .kv_storage import PagedKVCache, PagedStep, peak_rss, reset_peak_rss
 from .models.llama import ContiguousKVCache, LlamaModel
+from .omp_spin import SpinGovernor
 from .sequence import SeqChunk
 
 log = logging.getLogger("inflightd.runner")
@@ -25,6 +26,10 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = model.device
+        # One-token steps of a model with block codes spin OpenMP's workers; every other step
+        # throttles them (see omp_spin). CPU only: a GPU step launches no OpenMP regions.
+        self._omp = SpinGovernor() if self.device.type == "cpu" else None
+        self._codes = model.weights.lm_head_q is not None
 
     def prepare(self, chunks: Sequence[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, PagedStep, torch.Tensor]:
         """→ input_ids [T] int64, positions [T] int64, the step's attention metadata, and the row
@@ -73,6 +78,11 @@ class ModelRunner:
         if copies:
             self.kv.copy_blocks([s for s, _ in copies], [d for _, d in copies])
         input_ids, positions, step, rows = self.prepare(chunks)
+        if self._omp is not None:
+            if self._codes and input_ids.shape[0] == 1:
+                self._omp.spin()
+            else:
+                self._omp.throttle()
         kv = self.kv
         hidden = self.model.forward(input_ids, positions, lambda layer, q, k, v: kv.attend(step, layer, q, k, v))
         return self.model.logits(hidden[rows])
