@@ -27,7 +27,10 @@ from inflightd.kv_storage import peak_rss
 model, dtype, n, attention = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 rss0 = psutil.Process().memory_info().rss
 from inflightd.store import resolve_model
-load_model(resolve_model(model), dtype)  # the load alone, for its peak RSS
+from inflightd.llm import run_on_own_thread
+# The load alone, for its peak RSS; on a thread that exits, as LLM does: an OpenMP pool left on
+# this thread would throttle the engine thread's spin (inflightd/omp_spin.py).
+run_on_own_thread(lambda: load_model(resolve_model(model), dtype))
 peak = peak_rss()  # VmHWM: ru_maxrss would carry the parent's peak over fork+exec
 import gc; gc.collect()
 t0 = time.perf_counter()
