@@ -94,9 +94,10 @@ def run_on_own_thread(fn: Callable[[], T]) -> T:
     OpenMP gives every thread that starts a parallel region its own worker pool for as long as
     that thread lives, and once the pools hold more threads than there are CPUs, libgomp cuts
     every worker's spin before sleeping (GOMP_SPINCOUNT) to ~100 iterations: the engine thread's
-    short regions then pay a full wake-up each (a decode step of one sequence ran its quantized
-    products at ~60 % of their speed). Start-up's parallel work (loading, compiling, the
-    profiling forward) therefore runs on a thread whose pool goes with it."""
+    short regions then pay a full wake-up each (benchmarks/model.py decoded one sequence at 19
+    tok/s instead of 37 while it loaded a model on its main thread first). Start-up's parallel
+    work (loading, compiling, the profiling forward) therefore runs on a thread whose pool goes
+    with it."""
     result: list[T] = []
     error: list[BaseException] = []
 

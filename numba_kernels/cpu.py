@@ -273,8 +273,8 @@ def _run_item(out, q, k, v, block_table, ctx, n, tok0, it, num_heads, num_kv_hea
         # The next physical block is at an unpredictable address, so the hardware prefetcher
         # cannot guess it: hint it, a share per query row of this block. Issued all at once,
         # its 2 x 192 lines overflowed the core's few outstanding-miss buffers and the loads
-        # stalled until memory answered (spreading them: 0.83x instead of 1.13x SDPA's time at
-        # B=32, ctx 2048 in benchmarks/attention.py).
+        # stalled until memory answered (spreading them took the large points of
+        # benchmarks/attention.py from 1.15-1.30x to 0.87-0.90x contiguous SDPA's time).
         nxt = -1
         if b + 1 < b_end:
             nxt = block_table[b + 1] * block_elems
