@@ -242,6 +242,29 @@ def _resolve_type(qtype: GGMLQuantizationType | int) -> GGMLQuantizationType:
     return resolved
 
 
+def _block_bytes(
+    caller: str, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
+) -> tuple[np.ndarray, int]:
+    """raw's bytes as a flat uint8 array and the number of blocks, checked against shape."""
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{caller}: negative dimension in shape {shape}")
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    # Blocks never straddle rows in ggml, so the row length must be whole blocks.
+    if (shape[-1] if shape else 1) % block_size != 0:
+        raise ValueError(f"{caller}: {qtype.name} rows must be a multiple of {block_size} elements, got shape {shape}")
+    n_blocks = math.prod(shape) // block_size
+    data = np.asarray(raw)
+    if not data.flags.c_contiguous:
+        data = np.ascontiguousarray(data)
+    data = data.reshape(-1).view(np.uint8)
+    if data.size != n_blocks * type_size:
+        raise ValueError(
+            f"{caller}: {qtype.name} tensor of shape {shape} needs {n_blocks * type_size} bytes, got {data.size}"
+        )
+    return data, n_blocks
+
+
 def dequantize(
     raw: np.ndarray,
     qtype: GGMLQuantizationType,
@@ -257,26 +280,9 @@ def dequantize(
     qtype = _resolve_type(qtype)
     if not dtype.is_floating_point:
         raise ValueError(f"dequantize: output dtype must be floating point, got {dtype}")
-    shape = tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise ValueError(f"dequantize: negative dimension in shape {shape}")
+    data, n_blocks = _block_bytes("dequantize", raw, qtype, shape)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    n_elements = math.prod(shape)
-    # Blocks never straddle rows in ggml, so the row length must be whole blocks.
-    if (shape[-1] if shape else 1) % block_size != 0:
-        raise ValueError(
-            f"dequantize: {qtype.name} rows must be a multiple of {block_size} elements, got shape {shape}"
-        )
-    n_blocks = n_elements // block_size
-
-    data = np.asarray(raw)
-    if not data.flags.c_contiguous:
-        data = np.ascontiguousarray(data)
-    data = data.reshape(-1).view(np.uint8)
-    if data.size != n_blocks * type_size:
-        raise ValueError(
-            f"dequantize: {qtype.name} tensor of shape {shape} needs {n_blocks * type_size} bytes, got {data.size}"
-        )
+    n_elements = n_blocks * block_size
 
     decode = _DECODERS[qtype]
     out = torch.empty(n_elements, dtype=dtype)
@@ -350,13 +356,9 @@ def block_codes(
     if codes is None or len(shape) != 2:
         return None
     rows, cols = (int(s) for s in shape)
+    data, n_blocks = _block_bytes("block_codes", raw, qtype, shape)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    if cols % block_size:
-        raise ValueError(f"block_codes: {qtype.name} rows must be a multiple of {block_size} elements")
-    data = np.ascontiguousarray(np.asarray(raw)).reshape(-1).view(np.uint8)
-    n_blocks = rows * cols // block_size
-    if data.size != n_blocks * type_size:
-        raise ValueError(f"block_codes: {qtype.name} tensor of shape {shape} needs {n_blocks * type_size} bytes")
+    # np.array copies out of the (read-only) mmap, as dequantize does.
     blocks = torch.from_numpy(np.array(data)).view(n_blocks, type_size)
     q, d, m = codes(blocks)
     nb = cols // block_size

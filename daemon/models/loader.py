@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import llama
@@ -173,7 +172,7 @@ def _attach_block_codes(config: ModelConfig, weights: LlamaWeights, tensors: dic
         q, d, m = (torch.cat([p[i] for p in parts if p is not None]).numpy() for i in range(3))
         if q.shape[0] % 2:  # the kernel takes rows in pairs
             return None
-        return QuantWeight(np.ascontiguousarray(q), np.ascontiguousarray(d), np.ascontiguousarray(m))
+        return QuantWeight(q, d, m)  # torch.cat's results are contiguous
 
     for i, lw in enumerate(weights.layers):
         p = f"blk.{i}."
