@@ -4,6 +4,7 @@ model in float32 and bfloat16, on the paged path (Numba kernels) and on the refe
 to that load alone.
 
     .venv/bin/python benchmarks/model.py [--model default] [--tokens 128] [--matmul numpy,torch]
+        [--attention paged,reference] [--dtypes float32,bfloat16] [--repeat 1]
 
 float32 rows run once per CPU matmul backend (`INFLIGHTD_CPU_MATMUL`: NumPy's OpenBLAS, the
 default, or torch's MKL); bfloat16 always uses torch's.
@@ -58,15 +59,19 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--matmul", default="numpy,torch", help="CPU matmul backends for the float32 rows")
+    ap.add_argument("--attention", default="paged,reference", help="paged (Numba kernels) and/or reference (SDPA)")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeat", type=int, default=1, help="run each case this many times (fresh processes)")
     args = ap.parse_args()
     rows = []
-    for attention in ("paged", "reference"):
-        for dtype in ("float32", "bfloat16"):
+    for attention in args.attention.split(","):
+        for dtype in args.dtypes.split(","):
             for matmul in args.matmul.split(",") if dtype == "float32" else ["torch"]:
                 cmd = [sys.executable, "-c", CHILD, args.model, dtype, str(args.tokens), attention]
                 env = {**os.environ, "INFLIGHTD_CPU_MATMUL": matmul}
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
+                for _ in range(args.repeat):
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+                    rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"<!-- {' '.join(sys.argv)} -->")
     cols = ["attention", "dtype", "matmul", "load_s", "init_s", "weights_mb", "load_peak_over_base_mb", "peak_rss_mb",
             "prompt_tokens", "ttft_ms", "tpot_ms", "decode_tok_s", "e2e_tok_s", "threads"]

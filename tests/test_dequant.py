@@ -13,6 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from inflightd.models import dequant
 from inflightd.models.dequant import SUPPORTED, UnsupportedQuantError, dequantize
+from numba_kernels import cpu_qmatmul
 
 T = GGMLQuantizationType
 
@@ -223,9 +224,15 @@ def test_block_codes_rebuild_the_dequantized_weights(qtype: GGMLQuantizationType
     raw = _random_blocks(rng, qtype, shape)
     codes = dequant.block_codes(raw, qtype, shape)
     assert codes is not None
-    q, d, m = codes
-    assert q.dtype == torch.int8 and q.shape == shape and d.shape == m.shape == (6, 4)
-    rebuilt = (q.float().view(6, 4, 32) * d[:, :, None] + m[:, :, None]).view(shape)
+    q, d, m, bits = codes
+    four = qtype in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+    assert bits == (4 if four else 8)
+    assert q.dtype == (torch.uint8 if four else torch.int8) and q.shape == (6, 4 * 32 * bits // 8)
+    assert d.shape == (6, 4) and d.dtype == torch.float32
+    assert (m is None) == (qtype in (GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0))
+    values = torch.from_numpy(cpu_qmatmul.unpack(q.numpy(), bits)).float().view(6, 4, 32)
+    rebuilt = (values * d[:, :, None] + (0.0 if m is None else m[:, :, None])).view(shape)
+    assert torch.equal(codes.widened().q.to(torch.int16), torch.from_numpy(cpu_qmatmul.unpack(q.numpy(), bits)))
     want = dequantize(raw, qtype, shape)
     # Equal values (for the symmetric types, -0.0 * d + 0 is +0.0 where dequantize has -0.0).
     assert torch.isfinite(want).all() and torch.equal(rebuilt, want)
@@ -237,3 +244,35 @@ def test_block_codes_only_for_affine_block_types() -> None:
     raw = _random_blocks(rng, GGMLQuantizationType.Q4_K, shape)
     assert dequant.block_codes(raw, GGMLQuantizationType.Q4_K, shape) is None
     assert dequant.block_codes(np.zeros(64, np.float32), GGMLQuantizationType.F32, (2, 32)) is None
+
+
+def test_fused_codes_of_mixed_types_widen_to_one_byte() -> None:
+    """q and k in Q4_1 (4-bit codes) with v in Q8_0 (8-bit) stack as one 8-bit weight whose
+    one-token product is the dequantized stack's; o alone keeps its 4-bit codes."""
+    from types import SimpleNamespace
+
+    from inflightd.models.loader import _attach_block_codes
+
+    rng = np.random.default_rng(11)
+    parts = {"attn_q": (T.Q4_1, (64, 96)), "attn_k": (T.Q4_1, (32, 96)), "attn_v": (T.Q8_0, (32, 96)),
+             "attn_output": (T.Q4_1, (96, 64))}
+    tensors = {}
+    for name, (qtype, shape) in parts.items():
+        raw = _random_blocks(rng, qtype, shape)
+        blocks = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+        for offset in FP16_FIELDS[qtype]:  # modest scales: a float64 reference stays meaningful
+            blocks[:, offset : offset + 2] = (rng.random((blocks.shape[0], 1)) * 0.1).astype(np.float16).view(np.uint8)
+        tensors[f"blk.0.{name}.weight"] = SimpleNamespace(data=raw, qtype=qtype, shape=shape)
+    layer = SimpleNamespace()
+    head = object()
+    weights = SimpleNamespace(layers=[layer], embed=head, lm_head=head)
+    _attach_block_codes(SimpleNamespace(num_heads=2, num_kv_heads=1), weights, tensors, False)  # type: ignore[arg-type]
+    assert layer.qkv_q.bits == 8 and layer.qkv_q.q.shape == (128, 96) and layer.o_q.bits == 4
+    assert layer.gate_up_q is None and weights.lm_head_q is None  # no such tensors
+    qkv = ("attn_q", "attn_k", "attn_v")
+    dense = torch.cat([dequantize(tensors[f"blk.0.{n}.weight"].data, *parts[n]) for n in qkv])
+    x = rng.standard_normal(96).astype(np.float32)
+    want = dense.double().numpy() @ x.astype(np.float64)
+    wq = layer.qkv_q
+    got = cpu_qmatmul.qgemv(x, wq.q, wq.d, wq.m, wq.bits, 2)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5

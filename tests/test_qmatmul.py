@@ -17,43 +17,64 @@ def _rng(*params: object) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(params).encode()))
 
 
-def _weights(rng: np.random.Generator, rows: int, cols: int, offsets: bool) -> tuple[np.ndarray, ...]:
+def _weights(rng: np.random.Generator, rows: int, cols: int, offsets: bool, bits: int) -> tuple[np.ndarray, ...]:
     nb = cols // 32
-    if offsets:  # Q4_1-like: codes 0..15, scale and minimum per block
-        q = rng.integers(0, 16, (rows, cols)).astype(np.int8)
-        m = (-rng.random((rows, nb)) * 0.1).astype(np.float32)
-    else:  # Q8_0-like: signed codes, no offset
+    if bits == 4:  # Q4-like: codes 0..15, two per byte
+        q = rng.integers(0, 256, (rows, cols // 2)).astype(np.uint8)
+    else:  # Q8_0-like: signed codes
         q = rng.integers(-128, 128, (rows, cols)).astype(np.int8)
-        m = np.zeros((rows, nb), np.float32)
+    m = (-rng.random((rows, nb)) * 0.1).astype(np.float32) if offsets else None
     d = (rng.random((rows, nb)) * 0.02 + 1e-3).astype(np.float32)
     return q, d, m
 
 
-def _dense(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
-    rows, cols = q.shape
-    return (q.astype(np.float64).reshape(rows, -1, 32) * d[:, :, None] + m[:, :, None]).reshape(rows, cols)
+def _dense(q: np.ndarray, d: np.ndarray, m: np.ndarray | None, bits: int) -> np.ndarray:
+    codes = cpu_qmatmul.unpack(q, bits).astype(np.float64)
+    rows, cols = codes.shape
+    w = codes.reshape(rows, -1, 32) * d[:, :, None]
+    return (w if m is None else w + m[:, :, None]).reshape(rows, cols)
+
+
+def test_unpack_orders_the_nibbles_as_documented() -> None:
+    """Byte k (k < 8) of a 4-bit block holds elements k (low nibble) and k + 8; byte 8 + k
+    elements 16 + k and 24 + k."""
+    q = np.zeros((2, 16), np.uint8)
+    q[0, 3] = 0x5A
+    q[1, 12] = 0xC1
+    codes = cpu_qmatmul.unpack(q, 4)
+    want = np.zeros((2, 32), np.int16)
+    want[0, 3], want[0, 11] = 0xA, 0x5
+    want[1, 20], want[1, 28] = 0x1, 0xC
+    assert np.array_equal(codes, want)
 
 
 @pytest.mark.parametrize("rows,cols", [(2, 32), (960, 576), (576, 1536), (3072, 576), (34, 4096)])
 @pytest.mark.parametrize("offsets", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("nchunks", [1, 2, 5])
-def test_qgemv_matches_float64(rows: int, cols: int, offsets: bool, nchunks: int) -> None:
-    rng = _rng(rows, cols, offsets, nchunks)
-    q, d, m = _weights(rng, rows, cols, offsets)
+def test_qgemv_matches_float64(rows: int, cols: int, offsets: bool, bits: int, nchunks: int) -> None:
+    rng = _rng(rows, cols, offsets, bits, nchunks)
+    q, d, m = _weights(rng, rows, cols, offsets, bits)
     x = rng.standard_normal(cols).astype(np.float32)
-    want = _dense(q, d, m) @ x.astype(np.float64)
-    got = cpu_qmatmul.qgemv(x, q, d, m, nchunks)
+    want = _dense(q, d, m, bits) @ x.astype(np.float64)
+    got = cpu_qmatmul.qgemv(x, q, d, m, bits, nchunks)
     assert got.shape == (rows,) and np.isfinite(got).all()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+
+
+def test_qgemv_refuses_other_code_widths() -> None:
+    q, d, m = _weights(_rng("bits"), 2, 32, True, 8)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        cpu_qmatmul.qgemv(np.ones(32, np.float32), q, d, m, 5, 1)
 
 
 def test_linear_uses_codes_for_one_token_only() -> None:
     """One token goes through the codes (a weight whose float copy disagrees shows it), more
     than one through float32 BLAS; both agree with the float64 product where they should."""
     rng = _rng("linear")
-    q, d, m = _weights(rng, 64, 128, True)
-    wq = llama.QuantWeight(q, d, m)
-    dense = torch.from_numpy(_dense(q, d, m).astype(np.float32))
+    q, d, m = _weights(rng, 64, 128, True, 4)
+    wq = llama.QuantWeight(q, d, m, 4)
+    dense = torch.from_numpy(_dense(q, d, m, 4).astype(np.float32))
     bias = torch.from_numpy(rng.standard_normal(64).astype(np.float32))
     x1 = torch.from_numpy(rng.standard_normal((1, 128)).astype(np.float32))
     want = x1.double() @ dense.double().T + bias.double()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -312,30 +313,64 @@ def dequantize(
 # ---- integer codes for the quantized matrix-vector product ------------------------------
 
 
-def _codes_q4_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return _nibbles(b[:, 2:18]).view(torch.int8).sub_(8), _half(b, 0), None
+class BlockCodes(NamedTuple):
+    """A 2-D weight as the integer codes of its 32-element blocks, a scale and an offset per
+    block: ``w[r, 32 j + i] == d[r, j] * code[r, 32 j + i] + m[r, j]`` (m None: zero). The
+    codes' layouts (``bits``) are numba_kernels.cpu_qmatmul's."""
+
+    q: torch.Tensor  # int8 [rows, cols] (bits 8) or uint8 [rows, cols / 2] (bits 4)
+    d: torch.Tensor  # float32 [rows, cols / 32]
+    m: torch.Tensor | None  # float32 [rows, cols / 32]
+    bits: int
+
+    def widened(self) -> BlockCodes:
+        """The same weight with one byte per code (to stack with an 8-bit weight)."""
+        if self.bits == 8:
+            return self
+        b = self.q.view(self.q.shape[0], -1, 2, 8)
+        q = torch.cat([b & 0x0F, b >> 4], dim=3).view(self.q.shape[0], -1).view(torch.int8)
+        return BlockCodes(q, self.d, self.m, 8)
 
 
-def _codes_q4_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+# The kernel's 4-bit order (element k with k + 8 in a byte, k < 8, and 16 + k with 24 + k) from
+# the 32 codes of a block in element order.
+_Q4_LOW = torch.tensor([*range(0, 8), *range(16, 24)])
+_Q4_HIGH = _Q4_LOW + 8
+
+
+def _pack4(q: torch.Tensor) -> torch.Tensor:
+    # q: [n_blocks, 32] uint8 codes 0..15 -> [n_blocks, 16] uint8.
+    return q[:, _Q4_LOW] | (q[:, _Q4_HIGH] << 4)
+
+
+_Codes = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", int]
+
+
+def _codes_q4_0(b: torch.Tensor) -> _Codes:
+    d = _half(b, 0)
+    return _pack4(_nibbles(b[:, 2:18])), d, d * -8.0, 4  # d * (q - 8); the product is exact
+
+
+def _codes_q4_1(b: torch.Tensor) -> _Codes:
     dm = _half(b, 0, 2)
-    return _nibbles(b[:, 4:20]).view(torch.int8), dm[:, 0:1], dm[:, 1:2]
+    return _pack4(_nibbles(b[:, 4:20])), dm[:, 0:1], dm[:, 1:2], 4
 
 
-def _codes_q5_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _codes_q5_0(b: torch.Tensor) -> _Codes:
     q = _or_fifth_bits(_nibbles(b[:, 6:22]), b[:, 2:6]).view(torch.int8).sub_(16)
-    return q, _half(b, 0), None
+    return q, _half(b, 0), None, 8
 
 
-def _codes_q5_1(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _codes_q5_1(b: torch.Tensor) -> _Codes:
     dm = _half(b, 0, 2)
-    return _or_fifth_bits(_nibbles(b[:, 8:24]), b[:, 4:8]).view(torch.int8), dm[:, 0:1], dm[:, 1:2]
+    return _or_fifth_bits(_nibbles(b[:, 8:24]), b[:, 4:8]).view(torch.int8), dm[:, 0:1], dm[:, 1:2], 8
 
 
-def _codes_q8_0(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    return b[:, 2:34].view(torch.int8).clone(), _half(b, 0), None
+def _codes_q8_0(b: torch.Tensor) -> _Codes:
+    return b[:, 2:34].view(torch.int8).clone(), _half(b, 0), None, 8
 
 
-_CODES: dict[GGMLQuantizationType, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {
+_CODES: dict[GGMLQuantizationType, Callable[[torch.Tensor], _Codes]] = {
     _T.Q4_0: _codes_q4_0,
     _T.Q4_1: _codes_q4_1,
     _T.Q5_0: _codes_q5_0,
@@ -344,13 +379,9 @@ _CODES: dict[GGMLQuantizationType, Callable[[torch.Tensor], tuple[torch.Tensor, 
 }
 
 
-def block_codes(
-    raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The 32-element block types as integer codes and per-block scale and offset:
-    (q int8 [rows, cols], d float32 [rows, cols / 32], m float32 [rows, cols / 32]) with
-    ``dequantize(...)[r, 32 j + i] == d[r, j] * q[r, 32 j + i] + m[r, j]`` (m zeros for the
-    symmetric types), for a 2-D tensor; None for every other type (no such form)."""
+def block_codes(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> BlockCodes | None:
+    """The 32-element block types as `BlockCodes` (Q4_0 and Q4_1: 4-bit codes, the others
+    one byte each), for a 2-D tensor; None for every other type (no such form)."""
     qtype = _resolve_type(qtype)
     codes = _CODES.get(qtype)
     if codes is None or len(shape) != 2:
@@ -360,7 +391,7 @@ def block_codes(
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     # np.array copies out of the (read-only) mmap, as dequantize does.
     blocks = torch.from_numpy(np.array(data)).view(n_blocks, type_size)
-    q, d, m = codes(blocks)
+    q, d, m, bits = codes(blocks)
     nb = cols // block_size
-    offset = torch.zeros(rows, nb) if m is None else m.reshape(rows, nb).contiguous()
-    return q.reshape(rows, cols).contiguous(), d.reshape(rows, nb).contiguous(), offset
+    return BlockCodes(q.reshape(rows, -1).contiguous(), d.reshape(rows, nb).contiguous(),
+                      None if m is None else m.reshape(rows, nb).contiguous(), bits)

@@ -33,14 +33,16 @@ class Attend(Protocol):
 @dataclass
 class QuantWeight:
     """A [out, in] weight kept as GGUF block codes besides its float copy: W[r, 32j + i] =
-    d[r, j] * q[r, 32j + i] + m[r, j] exactly (numba_kernels.cpu_qmatmul)."""
+    d[r, j] * code[r, 32j + i] + m[r, j] exactly, the codes in numba_kernels.cpu_qmatmul's
+    ``bits`` layout."""
 
-    q: np.ndarray  # int8 [out, in]
+    q: np.ndarray  # int8 [out, in] (bits 8) or uint8 [out, in / 2] (bits 4)
     d: np.ndarray  # float32 [out, in / 32]
-    m: np.ndarray  # float32 [out, in / 32]
+    m: np.ndarray | None  # float32 [out, in / 32]; None: no offsets
+    bits: int
 
     def num_bytes(self) -> int:
-        return int(self.q.nbytes + self.d.nbytes + self.m.nbytes)
+        return int(self.q.nbytes + self.d.nbytes + (0 if self.m is None else self.m.nbytes))
 
 
 @dataclass
@@ -140,7 +142,7 @@ def _qgemv(x: torch.Tensor, wq: QuantWeight) -> torch.Tensor:
     if not _QGEMV_CHUNKS:  # numba.get_num_threads() costs ~2 µs a call; the pool size is fixed
         _QGEMV_CHUNKS.append(numba.get_num_threads())
     xv = np.ascontiguousarray(x.numpy()[0])
-    return torch.from_numpy(cpu_qmatmul.qgemv(xv, wq.q, wq.d, wq.m, _QGEMV_CHUNKS[0])).view(1, -1)
+    return torch.from_numpy(cpu_qmatmul.qgemv(xv, wq.q, wq.d, wq.m, wq.bits, _QGEMV_CHUNKS[0])).view(1, -1)
 
 
 def linear(

@@ -152,27 +152,35 @@ def _attach_block_codes(config: ModelConfig, weights: LlamaWeights, tensors: dic
     """Keep each linear's GGUF block codes beside its float32 copy where the checkpoint is in a
     32-element block type (llama.linear uses them for one-token products). All or nothing per
     fused weight: q, k and v (or gate and up) must all have codes."""
-    from .dequant import block_codes
+    from .dequant import BlockCodes, block_codes
 
-    def codes(name: str) -> tuple[torch.Tensor, ...] | None:
+    def codes(name: str) -> BlockCodes | None:
         t = tensors.get(name)
         c = None if t is None else block_codes(t.data, t.qtype, t.shape)
         if c is None:
             return None
-        if permute and name.endswith("attn_q.weight"):
-            return tuple(_unpermute_qk(a, config.num_heads) for a in c)
-        if permute and name.endswith("attn_k.weight"):
-            return tuple(_unpermute_qk(a, config.num_kv_heads) for a in c)
+        if permute and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_heads if name.endswith("attn_q.weight") else config.num_kv_heads
+            m = None if c.m is None else _unpermute_qk(c.m, heads)
+            return BlockCodes(_unpermute_qk(c.q, heads), _unpermute_qk(c.d, heads), m, c.bits)
         return c
 
     def fused(*names: str) -> QuantWeight | None:
-        parts = [codes(n) for n in names]
-        if any(p is None for p in parts):
+        found = [codes(n) for n in names]
+        parts = [p for p in found if p is not None]
+        if len(parts) < len(found):
             return None
-        q, d, m = (torch.cat([p[i] for p in parts if p is not None]).numpy() for i in range(3))
+        if len({p.bits for p in parts}) > 1:  # e.g. Q4_1 q and k with a Q8_0 v
+            parts = [p.widened() for p in parts]
+        q = torch.cat([p.q for p in parts])
         if q.shape[0] % 2:  # the kernel takes rows in pairs
             return None
-        return QuantWeight(q, d, m)  # torch.cat's results are contiguous
+        d = torch.cat([p.d for p in parts])
+        m = None
+        if any(p.m is not None for p in parts):
+            m = torch.cat([torch.zeros_like(p.d) if p.m is None else p.m for p in parts]).numpy()
+        # torch.cat's results are contiguous
+        return QuantWeight(q.numpy(), d.numpy(), m, parts[0].bits)
 
     for i, lw in enumerate(weights.layers):
         p = f"blk.{i}."
