@@ -2,7 +2,12 @@
 vocab projection) and the Numba kernels with wall-clock accumulators, runs B chat requests of
 64 greedy tokens together, and prints each part's share of the run.
 
-    python benchmarks/step_profile.py [--batch 1] [--tokens 64] [--dtype float32]
+    python benchmarks/step_profile.py [--batch 1] [--tokens 64] [--dtype float32] [--layer-calls]
+
+One-token steps of one sequence run each layer as a single Numba call
+(numba_kernels.cpu_decode), which the wrappers cannot see into: there `forward` only counts the
+prefill, and `decode_token` the rest. `--layer-calls` turns that path off (the model's ordinary
+forward, ~25 calls per layer) to see its parts, and to compare the two.
 
 Shares overlap where calls nest (`forward` contains `linear`; `execute` contains `forward` and
 `logits`). The wrappers add a few µs per call: compare shares, not absolute times, with runs
@@ -41,6 +46,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--layer-calls", action="store_true", help="one-token steps through the ordinary forward")
     args = ap.parse_args()
     # module-level functions the forward looks up at call time
     llama.linear = timed("linear", llama.linear)  # type: ignore[assignment]
@@ -55,6 +61,9 @@ def main() -> None:
     model: Any = llm.model
     model.forward = timed("forward", model.forward)
     model.logits = timed("logits (vocab projection)", model.logits)
+    model.decode_token = timed("decode_token (one call per layer)", model.decode_token)
+    if args.layer_calls:
+        runner._caches_np = None
     prompts = [[{"role": "user", "content": f"Write story number {i} about a lighthouse."}] for i in range(args.batch)]
     llm.chat(prompts, SamplingParams(max_tokens=4, temperature=0))  # warm-up
     acc.clear()
@@ -63,6 +72,7 @@ def main() -> None:
     wall = time.perf_counter() - t
     n = sum(len(o.token_ids) for o in outs)
     cmd = f"python benchmarks/step_profile.py --batch {args.batch} --tokens {args.tokens} --dtype {args.dtype}"
+    cmd += " --layer-calls" if args.layer_calls else ""
     print(f"<!-- {cmd} -->")
     print(f"batch {args.batch}: {n} tokens in {wall:.2f} s = {n / wall:.1f} tok/s")
     print("| part | ms | share of wall |")

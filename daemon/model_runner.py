@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import psutil
 import torch
 
@@ -30,6 +31,12 @@ class ModelRunner:
         # throttles them (see omp_spin). CPU only: a GPU step launches no OpenMP regions.
         self._omp = SpinGovernor() if self.device.type == "cpu" else None
         self._codes = model.weights.lm_head_q is not None
+        # One-token steps of one sequence run each layer as one Numba call (LlamaModel.decode_token)
+        # over numpy views of the cache, made once here.
+        self._caches_np: list[tuple[np.ndarray, np.ndarray]] | None = None
+        if kv.dtype == torch.float32 and kv.device.type == "cpu" and model.one_token_layers():
+            d = model.config.head_dim
+            self._caches_np = [(k.numpy().reshape(-1, d), v.numpy().reshape(-1, d)) for k, v in zip(kv.k, kv.v)]
 
     def prepare(self, chunks: Sequence[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, PagedStep, torch.Tensor]:
         """→ input_ids [T] int64, positions [T] int64, the step's attention metadata, and the row
@@ -69,6 +76,15 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )
 
+    def _decode_one(self, c: SeqChunk) -> torch.Tensor:
+        if len(c.slots) != 1:
+            raise ValueError(f"sequence chunk 0: 1 token but {len(c.slots)} slots")
+        hidden = self.model.decode_token(
+            c.token_ids[0], c.start_pos, self._caches_np or [], np.array(c.slots, np.int64),
+            np.array([c.block_table], np.int32), np.array([c.start_pos + 1], np.int32), self.kv.block_size,
+        )
+        return self.model.logits(hidden if c.sample else hidden[:0])
+
     def release(self, seq_id: int) -> None:
         """Nothing to do: the block manager owns the paged cache's memory."""
 
@@ -77,12 +93,15 @@ class ModelRunner:
         `copies`: copy-on-write block copies (src, dst) to perform before any cache write."""
         if copies:
             self.kv.copy_blocks([s for s, _ in copies], [d for _, d in copies])
-        input_ids, positions, step, rows = self.prepare(chunks)
+        one = len(chunks) == 1 and len(chunks[0].token_ids) == 1
         if self._omp is not None:
-            if self._codes and input_ids.shape[0] == 1:
+            if self._codes and one:
                 self._omp.spin()
             else:
                 self._omp.throttle()
+        if one and self._caches_np is not None:
+            return self._decode_one(chunks[0])
+        input_ids, positions, step, rows = self.prepare(chunks)
         kv = self.kv
         hidden = self.model.forward(input_ids, positions, lambda layer, q, k, v: kv.attend(step, layer, q, k, v))
         return self.model.logits(hidden[rows])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from numba_kernels import cpu_ops, cpu_qmatmul
+from numba_kernels import cpu_decode, cpu_ops, cpu_qmatmul
 
 from .config import ModelConfig
 
@@ -198,6 +198,46 @@ class LlamaModel:
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
         self.inv_freq = rope_inv_freq(config, weights.rope_freq_factors).to(self.device)
+        self._layer_args: list[tuple[np.ndarray, np.ndarray, tuple[object, ...]]] | None = None
+
+    def one_token_layers(self) -> bool:
+        """Whether `decode_token` can run: float32 on the CPU, every linear of every layer kept
+        as block codes, no q/k/v bias (the fused layer has none)."""
+        if self._layer_args is None:
+            args: list[tuple[np.ndarray, np.ndarray, tuple[object, ...]]] = []
+            for lw in self.weights.layers:
+                qws = (lw.qkv_q, lw.o_q, lw.gate_up_q, lw.down_q)
+                if lw.qkv_bias is not None or any(qw is None for qw in qws) or lw.attn_norm.dtype != torch.float32:
+                    args = []
+                    break
+                flat: list[object] = []
+                for qw in qws:
+                    assert qw is not None
+                    flat += [qw.q, qw.d, qw.d if qw.m is None else qw.m, qw.m is not None, qw.bits]
+                args.append((lw.attn_norm.numpy(), lw.ffn_norm.numpy(), tuple(flat)))
+            self._layer_args = args
+        return bool(self._layer_args) and self.device.type == "cpu"
+
+    @torch.inference_mode()
+    def decode_token(self, token_id: int, position: int, caches: list[tuple[np.ndarray, np.ndarray]],
+                     slot_mapping: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
+                     block_size: int) -> torch.Tensor:
+        """`forward` for one token of one sequence (when `one_token_layers()`), each layer one
+        Numba call (numba_kernels.cpu_decode) → hidden state [1, hidden] after the final norm.
+        caches: per layer, the K and V caches as [num_slots * num_kv_heads, head_dim] arrays;
+        the rest is the step's paged metadata (cpu_decode.layer)."""
+        cfg, w = self.config, self.weights
+        assert self._layer_args
+        h = w.embed[token_id].numpy().reshape(1, -1).copy()
+        cos, sin = self.rope_tables(torch.tensor([position]))
+        cos_np, sin_np = cos.reshape(1, -1).numpy(), sin.reshape(1, -1).numpy()
+        if not _QGEMV_CHUNKS:
+            _QGEMV_CHUNKS.append(numba.get_num_threads())
+        for (attn_norm, ffn_norm, qws), (kc, vc) in zip(self._layer_args, caches):
+            cpu_decode.layer(h, attn_norm, ffn_norm, cfg.rms_norm_eps, qws, cos_np, sin_np, cfg.num_heads,
+                             cfg.num_kv_heads, kc, vc, slot_mapping, block_tables, context_lens, block_size,
+                             cfg.attn_scale, _QGEMV_CHUNKS[0])
+        return rms_norm(torch.from_numpy(h), w.norm, cfg.rms_norm_eps)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] int64 → cos, sin: [T, 1, rope_dim] in the model dtype.

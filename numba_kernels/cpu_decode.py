@@ -1,0 +1,101 @@
+"""One decoder layer of a llama-family model for the single new token of a one-sequence decode
+step on the CPU, as one Numba call: RMSNorm, the q/k/v product from the block codes, RoPE, the
+K/V write into the paged cache, paged attention, the output product and residual, RMSNorm, the
+gate/up product, SiLU-and-multiply, the down product and residual.
+
+The same step through torch and the separate kernels makes ~25 calls per layer from Python, each
+converting tensors to arrays and checking them again: ~8 ms of a ~18 ms token of the default
+model went to that glue, not arithmetic (``python benchmarks/step_profile.py --batch 1``).
+Here a layer is one call; the pieces are the same Numba functions the separate path uses
+(``cpu_ops``, ``cpu_qmatmul``, ``cpu``), so the arithmetic is the same except SiLU (torch's
+vectorised ``exp`` against libm's: equal to float32 rounding).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .cpu import _ERRORS, _LOG2E, SERIAL_WORK, _attention, _write_kv
+from .cpu_ops import _rms_norm, _rope
+from .cpu_qmatmul import _qgemv
+
+# Returned for a slot outside the cache (attention errors are cpu._ERRORS codes, all > 0).
+_BAD_SLOT = -1
+
+
+@njit(cache=True)
+def _layer(h, attn_norm, ffn_norm, eps,
+           qkv_q, qkv_d, qkv_m, qkv_has_m, qkv_bits,
+           o_q, o_d, o_m, o_has_m, o_bits,
+           gu_q, gu_d, gu_m, gu_has_m, gu_bits,
+           dn_q, dn_d, dn_m, dn_has_m, dn_bits,
+           cos, sin, num_heads, num_kv_heads, k, v, slot_mapping, block_tables, context_lens,
+           query_start_loc, block_size, scale, nthreads, serial_work):
+    """h [1, hidden] float32, the residual stream, updated in place. Returns 0 or an error."""
+    hidden = h.shape[1]
+    head_dim = k.shape[1]
+    x = np.empty((1, hidden), np.float32)
+    _rms_norm(h, attn_norm, eps, x)
+    qkv = np.empty((1, qkv_q.shape[0]), np.float32)
+    _qgemv(x[0], qkv_q, qkv_d, qkv_m, qkv_has_m, qkv_bits, qkv[0], nthreads)
+    _rope(qkv, cos, sin, num_heads + num_kv_heads, head_dim)
+    q = np.empty((num_heads, head_dim), np.float32)
+    key = np.empty((num_kv_heads, head_dim), np.float32)
+    value = np.empty((num_kv_heads, head_dim), np.float32)
+    for hh in range(num_heads):
+        for d in range(head_dim):
+            q[hh, d] = qkv[0, hh * head_dim + d]
+    base = num_heads * head_dim
+    for hh in range(num_kv_heads):
+        for d in range(head_dim):
+            key[hh, d] = qkv[0, base + hh * head_dim + d]
+            value[hh, d] = qkv[0, base + (num_kv_heads + hh) * head_dim + d]
+    if _write_kv(key, value, k, v, slot_mapping, num_kv_heads) >= 0:
+        return _BAD_SLOT
+    att = np.empty((num_heads, head_dim), np.float32)
+    err = _attention(att, q, k, v, block_tables, context_lens, query_start_loc, num_heads,
+                     num_kv_heads, block_size, scale, nthreads, serial_work)
+    if err:
+        return err
+    o = np.empty(o_q.shape[0], np.float32)
+    _qgemv(att.reshape(-1), o_q, o_d, o_m, o_has_m, o_bits, o, nthreads)
+    for i in range(hidden):
+        h[0, i] += o[i]
+    _rms_norm(h, ffn_norm, eps, x)
+    gu = np.empty(gu_q.shape[0], np.float32)
+    _qgemv(x[0], gu_q, gu_d, gu_m, gu_has_m, gu_bits, gu, nthreads)
+    inter = gu.shape[0] // 2
+    act = np.empty(inter, np.float32)
+    one = np.float32(1.0)
+    for i in range(inter):
+        g = gu[i]
+        act[i] = g / (one + np.exp(-g)) * gu[inter + i]  # torch's silu: x / (1 + exp(-x))
+    dn = np.empty(dn_q.shape[0], np.float32)
+    _qgemv(act, dn_q, dn_d, dn_m, dn_has_m, dn_bits, dn, nthreads)
+    for i in range(hidden):
+        h[0, i] += dn[i]
+    return 0
+
+
+def layer(h: np.ndarray, attn_norm: np.ndarray, ffn_norm: np.ndarray, eps: float,
+          weights: tuple, cos: np.ndarray, sin: np.ndarray, num_heads: int, num_kv_heads: int,
+          k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: np.ndarray,
+          block_tables: np.ndarray, context_lens: np.ndarray, block_size: int, scale: float,
+          nthreads: int) -> None:
+    """Run one layer in place on h [1, hidden] (float32, C-contiguous).
+
+    weights: (q, d, m, has_m, bits) for qkv, o, gate_up and down in that order, flattened (20
+    items; m is d where has_m is False; see cpu_qmatmul); cos, sin [1, rope_dim]; caches as
+    [num_slots * num_kv_heads, head_dim] views; slot_mapping [1] int64; block_tables [1, width]
+    int32; context_lens [1] int32 (the context including this token)."""
+    err = _layer(h, attn_norm, ffn_norm, np.float32(eps), *weights, cos, sin, num_heads,
+                 num_kv_heads, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                 _QSL, block_size, float(scale) * _LOG2E, nthreads, SERIAL_WORK)
+    if err == _BAD_SLOT:
+        raise ValueError(f"slot_mapping[0] = {int(slot_mapping[0])} is outside the cache's "
+                         f"{k_cache.shape[0] // num_kv_heads} slots")
+    if err:
+        raise ValueError(_ERRORS[err])
+
+
+_QSL = np.array([0, 1], np.int32)  # query_start_loc of one sequence with one token
