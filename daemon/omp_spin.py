@@ -6,8 +6,8 @@ opposite things:
 
 - A decode step of one sequence runs ~120 short Numba regions (one quantized product per
   linear, ``numba_kernels.cpu_qmatmul``) tens of µs apart: sleeping workers cost a ~60-110 µs
-  wake-up each on this VM (``python benchmarks/qgemv.py``: 24.5 ms of products per token
-  passive, 16.3 ms spinning).
+  wake-up each on this VM (``python benchmarks/qgemv.py``: 17.4 ms of products per token
+  passive, 8.6 ms spinning).
 - Every other step multiplies through OpenBLAS, whose own threads need both cores right after
   each Numba or torch region: OpenMP workers spinning there cost a batch-32 decode step ~17 %
   (``python benchmarks/step_profile.py --batch 32``: 148 tok/s spinning, 183 passive).

@@ -21,7 +21,7 @@ Threading (set here, at import, because both choices are fixed at first use; a u
 - ``GOMP_SPINCOUNT=10000``: with a bare passive policy every parallel region wakes sleeping
   workers, ~60-110 µs on this VM, and a single-sequence decode step runs ~120 of them (one
   quantized product per linear, ``cpu_qmatmul``) a few tens of µs apart: that made the
-  products 1.5x slower (``python benchmarks/qgemv.py``: 24.5 ms passive, 16.3 ms spinning).
+  products 2x slower (``python benchmarks/qgemv.py``: 17.4 ms passive, 8.6 ms spinning).
   A bounded spin (~0.1-0.2 ms) bridges those gaps and still lets an idle daemon sleep.
   (Numba's omppool binds to the libgomp that torch loaded first, with global symbols, so in
   practice one runtime serves both; the setting reaches it through torch's import.) inflightd

@@ -218,6 +218,15 @@ class LlamaModel:
             self._layer_args = args
         return bool(self._layer_args) and self.device.type == "cpu"
 
+    def warm_decode_token(self) -> None:
+        """Compile (or load from Numba's cache) the one-call layer for this model's weight types,
+        with a one-block scratch cache: otherwise the first one-token step would."""
+        if not self.one_token_layers():
+            return
+        cfg, block = self.config, 16
+        caches = [(np.zeros((block * cfg.num_kv_heads, cfg.head_dim), np.float32),) * 2] * cfg.num_layers
+        self.decode_token(0, 0, caches, np.zeros(1, np.int64), np.zeros((1, 1), np.int32), np.ones(1, np.int32), block)
+
     @torch.inference_mode()
     def decode_token(self, token_id: int, position: int, caches: list[tuple[np.ndarray, np.ndarray]],
                      slot_mapping: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
