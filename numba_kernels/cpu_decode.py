@@ -6,9 +6,9 @@ gate/up product, SiLU-and-multiply, the down product and residual.
 The same step through torch and the separate kernels makes ~25 calls per layer from Python, each
 converting tensors to arrays and checking them again, around sub-µs arithmetic
 (``python benchmarks/step_profile.py --batch 1``: 78-79 tok/s with this against 45-52 with
-``--layer-calls``, the separate path). Here a layer is one call; the pieces are the same Numba functions the separate path uses
-(``cpu_ops``, ``cpu_qmatmul``, ``cpu``), so the arithmetic is the same except SiLU (torch's
-vectorised ``exp`` against libm's: equal to float32 rounding).
+``--layer-calls``, the separate path). Here a layer is one call; the pieces are the same Numba
+functions the separate path uses (``cpu_ops``, ``cpu_qmatmul``, ``cpu``), so the arithmetic is
+the same except SiLU (torch's vectorised ``exp`` against libm's: equal to float32 rounding).
 """
 from __future__ import annotations
 
