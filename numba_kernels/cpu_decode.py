@@ -15,12 +15,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .cpu import _ERRORS, _LOG2E, SERIAL_WORK, _attention, _write_kv
+from .cpu import _ERRORS, _LOG2E, _attention, _write_kv
 from .cpu_ops import _rms_norm, _rope
 from .cpu_qmatmul import _qgemv
 
 # Returned for a slot outside the cache (attention errors are cpu._ERRORS codes, all > 0).
 _BAD_SLOT = -1
+# Context positions above which attention splits over the pool (cpu.SERIAL_WORK for other
+# steps): one-token steps run with OpenMP's workers spinning (inflightd/omp_spin.py), so a
+# parallel region costs a few µs, not a wake-up. `python benchmarks/decode_context.py`
+# (medians): a token at context 1000 took 10.8 ms against 13.2 with cpu.SERIAL_WORK (1024),
+# at 512 9.0 against 10.2, at 128 7.2 against 7.7.
+DECODE_SERIAL_WORK = 64
 
 
 @njit(cache=True)
@@ -81,7 +87,7 @@ def layer(h: np.ndarray, attn_norm: np.ndarray, ffn_norm: np.ndarray, eps: float
           weights: tuple, cos: np.ndarray, sin: np.ndarray, num_heads: int, num_kv_heads: int,
           k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: np.ndarray,
           block_tables: np.ndarray, context_lens: np.ndarray, block_size: int, scale: float,
-          nthreads: int) -> None:
+          nthreads: int, serial_work: int = DECODE_SERIAL_WORK) -> None:
     """Run one layer in place on h [1, hidden] (float32, C-contiguous).
 
     weights: (q, d, m, has_m, bits) for qkv, o, gate_up and down in that order, flattened (20
@@ -90,7 +96,7 @@ def layer(h: np.ndarray, attn_norm: np.ndarray, ffn_norm: np.ndarray, eps: float
     int32; context_lens [1] int32 (the context including this token)."""
     err = _layer(h, attn_norm, ffn_norm, np.float32(eps), *weights, cos, sin, num_heads,
                  num_kv_heads, k_cache, v_cache, slot_mapping, block_tables, context_lens,
-                 _QSL, block_size, float(scale) * _LOG2E, nthreads, SERIAL_WORK)
+                 _QSL, block_size, float(scale) * _LOG2E, nthreads, serial_work)
     if err == _BAD_SLOT:
         raise ValueError(f"slot_mapping[0] = {int(slot_mapping[0])} is outside the cache's "
                          f"{k_cache.shape[0] // num_kv_heads} slots")

@@ -230,11 +230,11 @@ class LlamaModel:
     @torch.inference_mode()
     def decode_token(self, token_id: int, position: int, caches: list[tuple[np.ndarray, np.ndarray]],
                      slot_mapping: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
-                     block_size: int) -> torch.Tensor:
+                     block_size: int, serial_work: int = cpu_decode.DECODE_SERIAL_WORK) -> torch.Tensor:
         """`forward` for one token of one sequence (when `one_token_layers()`), each layer one
         Numba call (numba_kernels.cpu_decode) → hidden state [1, hidden] after the final norm.
         caches: per layer, the K and V caches as [num_slots * num_kv_heads, head_dim] arrays;
-        the rest is the step's paged metadata (cpu_decode.layer)."""
+        the rest is the step's paged metadata and attention's serial threshold (cpu_decode.layer)."""
         cfg, w = self.config, self.weights
         assert self._layer_args
         h = w.embed[token_id].numpy().reshape(1, -1).copy()
@@ -245,7 +245,7 @@ class LlamaModel:
         for (attn_norm, ffn_norm, qws), (kc, vc) in zip(self._layer_args, caches):
             cpu_decode.layer(h, attn_norm, ffn_norm, cfg.rms_norm_eps, qws, cos_np, sin_np, cfg.num_heads,
                              cfg.num_kv_heads, kc, vc, slot_mapping, block_tables, context_lens, block_size,
-                             cfg.attn_scale, _QGEMV_CHUNKS[0])
+                             cfg.attn_scale, _QGEMV_CHUNKS[0], serial_work)
         return rms_norm(torch.from_numpy(h), w.norm, cfg.rms_norm_eps)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
