@@ -13,7 +13,9 @@ partial (max, sum, accumulator) triples are merged afterwards. Items are packed 
 the planner (longest first, onto the least-loaded thread) and the parallel loop runs over
 *threads*, not items: Numba's static ``prange`` chunking would otherwise hand all the long
 causal tiles of a prefill to the last thread. Within an item the context is walked block by
-block with an online softmax in log2 units (``exp2`` of pre-scaled scores).
+block with an online softmax in log2 units (``exp2`` of pre-scaled scores). For heads a multiple
+of 64 wide, a block's scores and its P·V accumulation run in ``cpu_vec``'s vector-IR loops (the
+query or accumulator slice held in registers).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_math import F32_NEG_BIG, FASTMATH, exp2, ld, prefetch, st, stage
+from .cpu_vec import WIDTH, scores64, weighted_sum64
 
 # Query tokens per prefill item: Q_TILE * group rows share each K/V block while it sits in L1.
 Q_TILE = 16
@@ -262,6 +265,13 @@ def _run_item(out, q, k, v, block_table, ctx, n, tok0, it, num_heads, num_kv_hea
         m[r] = F32_NEG_BIG
         lsum[r] = 0.0
 
+    # Heads a multiple of 64 wide take the vector-IR loops; qs, acc and sc are C-contiguous
+    # float32 scratch ([rows, dim], [block_size]), and so is every kf / vf row.
+    vec = dim % WIDTH == 0
+    qs_a = qs.ctypes.data
+    acc_a = acc.ctypes.data
+    sc_a = sc.ctypes.data
+
     b_first = lo // block_size
     b_end = (hi + block_size - 1) // block_size
     for b in range(b_first, b_end):
@@ -294,13 +304,21 @@ def _run_item(out, q, k, v, block_table, ctx, n, tok0, it, num_heads, num_kv_hea
             kr0 = koff + h0 + hh
             vr0 = voff + h0 + hh
             bmax = F32_NEG_BIG
-            for t in range(c):
-                kr = kr0 + t * num_kv_heads
-                s = np.float32(0.0)
-                for d in range(dim):
-                    s += qs[r, d] * kf[kr, d]
-                sc[t] = s
-                bmax = max(bmax, s)
+            if vec:  # 64-float slices in registers (cpu_vec)
+                row_bytes = num_kv_heads * dim * 4
+                for d0 in range(0, dim, WIDTH):
+                    scores64(qs_a + (r * dim + d0) * 4, kf.ctypes.data + (kr0 * dim + d0) * 4,
+                             row_bytes, c, sc_a, d0)
+                for t in range(c):
+                    bmax = max(bmax, sc[t])
+            else:
+                for t in range(c):
+                    kr = kr0 + t * num_kv_heads
+                    s = np.float32(0.0)
+                    for d in range(dim):
+                        s += qs[r, d] * kf[kr, d]
+                    sc[t] = s
+                    bmax = max(bmax, s)
             m_new = max(m[r], bmax)
             alpha = exp2(m[r] - m_new)
             m[r] = m_new
@@ -312,11 +330,17 @@ def _run_item(out, q, k, v, block_table, ctx, n, tok0, it, num_heads, num_kv_hea
             lsum[r] = lsum[r] * alpha + total
             for d in range(dim):
                 acc[r, d] *= alpha
-            for t in range(c):
-                vr = vr0 + t * num_kv_heads
-                p = sc[t]
-                for d in range(dim):
-                    acc[r, d] += p * vf[vr, d]
+            if vec:
+                row_bytes = num_kv_heads * dim * 4
+                for d0 in range(0, dim, WIDTH):
+                    weighted_sum64(acc_a + (r * dim + d0) * 4, sc_a, vf.ctypes.data + (vr0 * dim + d0) * 4,
+                                   row_bytes, c)
+            else:
+                for t in range(c):
+                    vr = vr0 + t * num_kv_heads
+                    p = sc[t]
+                    for d in range(dim):
+                        acc[r, d] += p * vf[vr, d]
 
     part = it[_PART]
     for r in range(rows):
