@@ -37,26 +37,12 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .cpu_vec import F32, I8, I32, V8F, c64, fma, splat
+
 BLOCK = 32
 # Bytes ahead of the current block that each row prefetches (1-4 KiB measured alike; none was
 # ~35 % slower on a matrix larger than the cache).
 PREFETCH_BYTES = 1152
-
-_F32 = ir.FloatType()
-_I8 = ir.IntType(8)
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-_V8F = ir.VectorType(_F32, 8)
-
-
-def _c64(v: int) -> ir.Constant:
-    return ir.Constant(_I64, v)
-
-
-def _splat(builder: ir.IRBuilder, s: ir.Value) -> ir.Value:
-    v = builder.insert_element(ir.Constant(_V8F, ir.Undefined), s, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(_V8F, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
-
 
 def _make_dot2(bits: int):  # noqa: ANN202 (a Numba intrinsic)
     """An intrinsic: the dot products of two adjacent rows of codes with x, over nb blocks.
@@ -71,42 +57,42 @@ def _make_dot2(bits: int):  # noqa: ANN202 (a Numba intrinsic)
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
             xa, qa, q_stride, da, ma, nb = args
             mod = builder.module
-            fma_v = cgutils.get_or_insert_function(mod, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+            fma_v = fma(builder)
             prefetch = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
-            xp = builder.inttoptr(xa, _V8F.as_pointer())
-            q0 = builder.inttoptr(qa, _I8.as_pointer())
+                mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]), "llvm.prefetch.p0i8")
+            xp = builder.inttoptr(xa, V8F.as_pointer())
+            q0 = builder.inttoptr(qa, I8.as_pointer())
             qrows = [q0, builder.gep(q0, [q_stride])]
-            d0 = builder.inttoptr(da, _F32.as_pointer())
+            d0 = builder.inttoptr(da, F32.as_pointer())
             drows = [d0, builder.gep(d0, [nb])]
-            acc = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, None)) for _ in range(2)]
-            macc = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, None)) for _ in range(2)]
+            acc = [cgutils.alloca_once_value(builder, ir.Constant(V8F, None)) for _ in range(2)]
+            macc = [cgutils.alloca_once_value(builder, ir.Constant(V8F, None)) for _ in range(2)]
 
             def codes(qrow: ir.Value, j: ir.Value) -> list[ir.Value]:
-                base = builder.gep(qrow, [builder.mul(j, _c64(block_bytes))])
-                v8 = builder.bitcast(base, ir.VectorType(_I8, 8).as_pointer())
+                base = builder.gep(qrow, [builder.mul(j, c64(block_bytes))])
+                v8 = builder.bitcast(base, ir.VectorType(I8, 8).as_pointer())
                 if bits == 8:
-                    return [builder.sitofp(builder.load(builder.gep(v8, [_c64(k)]), align=1), _V8F) for k in range(4)]
+                    return [builder.sitofp(builder.load(builder.gep(v8, [c64(k)]), align=1), V8F) for k in range(4)]
                 out = []
                 for k in range(2):
-                    w = builder.zext(builder.load(builder.gep(v8, [_c64(k)]), align=1), ir.VectorType(_I32, 8))
+                    w = builder.zext(builder.load(builder.gep(v8, [c64(k)]), align=1), ir.VectorType(I32, 8))
                     lo = builder.and_(w, ir.Constant(w.type, [0x0F] * 8))
                     hi = builder.lshr(w, ir.Constant(w.type, [4] * 8))
-                    out += [builder.sitofp(lo, _V8F), builder.sitofp(hi, _V8F)]
+                    out += [builder.sitofp(lo, V8F), builder.sitofp(hi, V8F)]
                 return out
 
             def loop(with_m: bool) -> None:
                 mrows = None
                 if with_m:
-                    m0 = builder.inttoptr(ma, _F32.as_pointer())
+                    m0 = builder.inttoptr(ma, F32.as_pointer())
                     mrows = [m0, builder.gep(m0, [nb])]
                 with cgutils.for_range(builder, nb) as it:
                     j = it.index
-                    ahead = builder.add(builder.mul(j, _c64(block_bytes)), _c64(PREFETCH_BYTES))
+                    ahead = builder.add(builder.mul(j, c64(block_bytes)), c64(PREFETCH_BYTES))
                     for qrow in qrows:  # read, keep in all cache levels, data
-                        flags = [ir.Constant(_I32, v) for v in (0, 3, 1)]
+                        flags = [ir.Constant(I32, v) for v in (0, 3, 1)]
                         builder.call(prefetch, [builder.gep(qrow, [ahead]), *flags])
-                    xv = [builder.load(builder.gep(xp, [builder.add(builder.mul(j, _c64(4)), _c64(k))]), align=4)
+                    xv = [builder.load(builder.gep(xp, [builder.add(builder.mul(j, c64(4)), c64(k))]), align=4)
                           for k in range(4)]
                     if mrows is not None:  # per-lane partial sums of x over the block
                         xsv = builder.fadd(builder.fadd(xv[0], xv[1]), builder.fadd(xv[2], xv[3]))
@@ -114,13 +100,13 @@ def _make_dot2(bits: int):  # noqa: ANN202 (a Numba intrinsic)
                         qf = codes(qrows[r], j)
                         t01 = builder.call(fma_v, [qf[1], xv[1], builder.fmul(qf[0], xv[0])])
                         t23 = builder.call(fma_v, [qf[3], xv[3], builder.fmul(qf[2], xv[2])])
-                        dv = _splat(builder, builder.load(builder.gep(drows[r], [j])))
+                        dv = splat(builder, builder.load(builder.gep(drows[r], [j])))
                         builder.store(builder.call(fma_v, [dv, builder.fadd(t01, t23), builder.load(acc[r])]), acc[r])
                         if mrows is not None:
-                            mv = _splat(builder, builder.load(builder.gep(mrows[r], [j])))
+                            mv = splat(builder, builder.load(builder.gep(mrows[r], [j])))
                             builder.store(builder.call(fma_v, [mv, xsv, builder.load(macc[r])]), macc[r])
 
-            with builder.if_else(builder.icmp_unsigned("!=", ma, _c64(0))) as (with_m, without_m):
+            with builder.if_else(builder.icmp_unsigned("!=", ma, c64(0))) as (with_m, without_m):
                 with with_m:
                     loop(True)
                 with without_m:
@@ -128,9 +114,9 @@ def _make_dot2(bits: int):  # noqa: ANN202 (a Numba intrinsic)
             out = []
             for r in range(2):
                 v = builder.fadd(builder.load(acc[r]), builder.load(macc[r]))
-                s = builder.extract_element(v, ir.Constant(_I32, 0))
+                s = builder.extract_element(v, ir.Constant(I32, 0))
                 for i in range(1, 8):
-                    s = builder.fadd(s, builder.extract_element(v, ir.Constant(_I32, i)))
+                    s = builder.fadd(s, builder.extract_element(v, ir.Constant(I32, i)))
                 out.append(s)
             return context.make_tuple(builder, signature.return_type, out)
 

@@ -7,6 +7,7 @@ each score re-read the query row. Here a 64-float slice of the query or of the a
 in eight AVX registers for the whole walk over a block's keys.
 
 Both take addresses (``array.ctypes.data`` plus offsets) and strides in bytes; rows are float32.
+The IR helpers below (types, constants, splat, fma) serve ``cpu_qmatmul`` too.
 """
 from __future__ import annotations
 
@@ -17,37 +18,45 @@ from numba.extending import intrinsic
 
 WIDTH = 64  # floats per slice: eight 8-lane vectors
 
-_F32 = ir.FloatType()
-_I8 = ir.IntType(8)
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-_V8F = ir.VectorType(_F32, 8)
-_V4F = ir.VectorType(_F32, 4)
+F32 = ir.FloatType()
+I8 = ir.IntType(8)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+V8F = ir.VectorType(F32, 8)
+_V4F = ir.VectorType(F32, 4)
 
 
-def _c64(v: int) -> ir.Constant:
-    return ir.Constant(_I64, v)
+def c64(v: int) -> ir.Constant:
+    return ir.Constant(I64, v)
+
+
+def splat(builder: ir.IRBuilder, s: ir.Value) -> ir.Value:
+    """s (float) in all 8 lanes."""
+    undef = ir.Constant(V8F, ir.Undefined)
+    v = builder.insert_element(undef, s, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(ir.VectorType(I32, 8), [0] * 8))
+
+
+def fma(builder: ir.IRBuilder) -> ir.Function:
+    """llvm.fma.v8f32 (a * b + c, one rounding), declared in the builder's module."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8F, [V8F] * 3), "llvm.fma.v8f32")
 
 
 def _vec(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value, k: int) -> ir.Value:
     """The k-th 8-float vector of the row at base + byte_offset (unaligned load)."""
-    p = builder.gep(builder.inttoptr(base, _I8.as_pointer()), [byte_offset])
-    return builder.load(builder.gep(builder.bitcast(p, _V8F.as_pointer()), [_c64(k)]), align=4)
-
-
-def _fma(builder: ir.IRBuilder) -> ir.Function:
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
+    p = builder.gep(builder.inttoptr(base, I8.as_pointer()), [byte_offset])
+    return builder.load(builder.gep(builder.bitcast(p, V8F.as_pointer()), [c64(k)]), align=4)
 
 
 def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    undef8 = ir.Constant(_V8F, ir.Undefined)
-    lo = builder.shuffle_vector(v, undef8, ir.Constant(ir.VectorType(_I32, 4), [0, 1, 2, 3]))
-    hi = builder.shuffle_vector(v, undef8, ir.Constant(ir.VectorType(_I32, 4), [4, 5, 6, 7]))
+    undef8 = ir.Constant(V8F, ir.Undefined)
+    lo = builder.shuffle_vector(v, undef8, ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3]))
+    hi = builder.shuffle_vector(v, undef8, ir.Constant(ir.VectorType(I32, 4), [4, 5, 6, 7]))
     s4 = builder.fadd(lo, hi)
     undef4 = ir.Constant(_V4F, ir.Undefined)
-    s2 = builder.fadd(s4, builder.shuffle_vector(s4, undef4, ir.Constant(ir.VectorType(_I32, 4), [2, 3, 2, 3])))
-    e0 = builder.extract_element(s2, ir.Constant(_I32, 0))
-    e1 = builder.extract_element(s2, ir.Constant(_I32, 1))
+    s2 = builder.fadd(s4, builder.shuffle_vector(s4, undef4, ir.Constant(ir.VectorType(I32, 4), [2, 3, 2, 3])))
+    e0 = builder.extract_element(s2, ir.Constant(I32, 0))
+    e1 = builder.extract_element(s2, ir.Constant(I32, 1))
     return builder.fadd(e0, e1)
 
 
@@ -59,10 +68,10 @@ def scores64(typingctx, qa, ka, k_stride, n, out, accumulate):  # noqa: ANN001, 
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
         qa, ka, k_stride, n, out, accumulate = args
-        fma = _fma(builder)
-        q = [_vec(builder, qa, _c64(0), k) for k in range(8)]
-        outp = builder.inttoptr(out, _F32.as_pointer())
-        add = builder.icmp_unsigned("!=", accumulate, _c64(0))
+        fma_v = fma(builder)
+        q = [_vec(builder, qa, c64(0), k) for k in range(8)]
+        outp = builder.inttoptr(out, F32.as_pointer())
+        add = builder.icmp_unsigned("!=", accumulate, c64(0))
         with cgutils.for_range(builder, n) as it:
             t = it.index
             off = builder.mul(t, k_stride)
@@ -70,8 +79,8 @@ def scores64(typingctx, qa, ka, k_stride, n, out, accumulate):  # noqa: ANN001, 
             a = builder.fmul(q[0], kv[0])
             b = builder.fmul(q[1], kv[1])
             for k in range(2, 8, 2):
-                a = builder.call(fma, [q[k], kv[k], a])
-                b = builder.call(fma, [q[k + 1], kv[k + 1], b])
+                a = builder.call(fma_v, [q[k], kv[k], a])
+                b = builder.call(fma_v, [q[k + 1], kv[k + 1], b])
             s = _hsum(builder, builder.fadd(a, b))
             dst = builder.gep(outp, [t])
             builder.store(builder.select(add, builder.fadd(builder.load(dst), s), s), dst)
@@ -87,21 +96,19 @@ def weighted_sum64(typingctx, acc, pa, va, v_stride, n):  # noqa: ANN001, ANN201
 
     def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
         acc, pa, va, v_stride, n = args
-        fma = _fma(builder)
-        regs = [cgutils.alloca_once_value(builder, _vec(builder, acc, _c64(0), k)) for k in range(8)]
-        pp = builder.inttoptr(pa, _F32.as_pointer())
+        fma_v = fma(builder)
+        regs = [cgutils.alloca_once_value(builder, _vec(builder, acc, c64(0), k)) for k in range(8)]
+        pp = builder.inttoptr(pa, F32.as_pointer())
         with cgutils.for_range(builder, n) as it:
             t = it.index
             p = builder.load(builder.gep(pp, [t]))
-            undef = ir.Constant(_V8F, ir.Undefined)
-            ps = builder.insert_element(undef, p, ir.Constant(_I32, 0))
-            ps = builder.shuffle_vector(ps, undef, ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
+            ps = splat(builder, p)
             off = builder.mul(t, v_stride)
             for k in range(8):
-                builder.store(builder.call(fma, [ps, _vec(builder, va, off, k), builder.load(regs[k])]), regs[k])
-        accp = builder.bitcast(builder.inttoptr(acc, _I8.as_pointer()), _V8F.as_pointer())
+                builder.store(builder.call(fma_v, [ps, _vec(builder, va, off, k), builder.load(regs[k])]), regs[k])
+        accp = builder.bitcast(builder.inttoptr(acc, I8.as_pointer()), V8F.as_pointer())
         for k in range(8):
-            builder.store(builder.load(regs[k]), builder.gep(accp, [_c64(k)]), align=4)
+            builder.store(builder.load(regs[k]), builder.gep(accp, [c64(k)]), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

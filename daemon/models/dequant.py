@@ -327,8 +327,9 @@ class BlockCodes(NamedTuple):
         """The same weight with one byte per code (to stack with an 8-bit weight)."""
         if self.bits == 8:
             return self
-        b = self.q.view(self.q.shape[0], -1, 2, 8)
-        q = torch.cat([b & 0x0F, b >> 4], dim=3).view(self.q.shape[0], -1).view(torch.int8)
+        from numba_kernels import cpu_qmatmul  # the layout's owner; Numba only when needed
+
+        q = torch.from_numpy(cpu_qmatmul.unpack(self.q.numpy(), 4).astype(np.int8))
         return BlockCodes(q, self.d, self.m, 8)
 
 

@@ -138,11 +138,16 @@ CPU_QGEMV = os.environ.get("INFLIGHTD_CPU_QGEMV", "1") != "0"
 _QGEMV_CHUNKS: list[int] = []
 
 
-def _qgemv(x: torch.Tensor, wq: QuantWeight) -> torch.Tensor:
-    if not _QGEMV_CHUNKS:  # numba.get_num_threads() costs ~2 µs a call; the pool size is fixed
+def _num_threads() -> int:
+    """Numba's pool size (fixed once the pool exists), remembered: the call costs ~2 µs."""
+    if not _QGEMV_CHUNKS:
         _QGEMV_CHUNKS.append(numba.get_num_threads())
+    return _QGEMV_CHUNKS[0]
+
+
+def _qgemv(x: torch.Tensor, wq: QuantWeight) -> torch.Tensor:
     xv = np.ascontiguousarray(x.numpy()[0])
-    return torch.from_numpy(cpu_qmatmul.qgemv(xv, wq.q, wq.d, wq.m, wq.bits, _QGEMV_CHUNKS[0])).view(1, -1)
+    return torch.from_numpy(cpu_qmatmul.qgemv(xv, wq.q, wq.d, wq.m, wq.bits, _num_threads())).view(1, -1)
 
 
 def linear(
@@ -203,6 +208,8 @@ class LlamaModel:
     def one_token_layers(self) -> bool:
         """Whether `decode_token` can run: float32 on the CPU, every linear of every layer kept
         as block codes, no q/k/v bias (the fused layer has none)."""
+        if self.device.type != "cpu":
+            return False
         if self._layer_args is None:
             args: list[tuple[np.ndarray, np.ndarray, tuple[object, ...]]] = []
             for lw in self.weights.layers:
@@ -216,7 +223,7 @@ class LlamaModel:
                     flat += [qw.q, qw.d, qw.d if qw.m is None else qw.m, qw.m is not None, qw.bits]
                 args.append((lw.attn_norm.numpy(), lw.ffn_norm.numpy(), tuple(flat)))
             self._layer_args = args
-        return bool(self._layer_args) and self.device.type == "cpu"
+        return bool(self._layer_args)
 
     def warm_decode_token(self) -> None:
         """Compile (or load from Numba's cache) the one-call layer for this model's weight types,
@@ -240,12 +247,10 @@ class LlamaModel:
         h = w.embed[token_id].numpy().reshape(1, -1).copy()
         cos, sin = self.rope_tables(torch.tensor([position]))
         cos_np, sin_np = cos.reshape(1, -1).numpy(), sin.reshape(1, -1).numpy()
-        if not _QGEMV_CHUNKS:
-            _QGEMV_CHUNKS.append(numba.get_num_threads())
         for (attn_norm, ffn_norm, qws), (kc, vc) in zip(self._layer_args, caches):
             cpu_decode.layer(h, attn_norm, ffn_norm, cfg.rms_norm_eps, qws, cos_np, sin_np, cfg.num_heads,
                              cfg.num_kv_heads, kc, vc, slot_mapping, block_tables, context_lens, block_size,
-                             cfg.attn_scale, _QGEMV_CHUNKS[0], serial_work)
+                             cfg.attn_scale, _num_threads(), serial_work)
         return rms_norm(torch.from_numpy(h), w.norm, cfg.rms_norm_eps)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
