@@ -22,11 +22,11 @@ Code layouts (``bits``):
 
 The inner loop is LLVM vector IR (an ``@intrinsic``): Numba's own loop kept its per-lane partial
 sums in a heap array the optimizer could not prove free of aliasing, so they went through memory
-on every block (~0.5 cycle per weight per core) and the old kernel read the weights at a third
-of the bandwidth. Here two rows share each load of x, codes become floats in AVX2 registers
-(8 lanes), a block's four vectors are summed before its scale is applied, the partial sums stay
-in registers (allocas that mem2reg turns into SSA values) and each row prefetches ahead (the
-hardware prefetcher alone left a core at ~7 GB/s from DRAM). Parallel over chunks of rows; the
+on every block, which made the old kernel compute-bound well below memory speed. Here two rows
+share each load of x, codes become floats in AVX2 registers (8 lanes), a block's four vectors
+are summed before its scale is applied, the partial sums stay in registers (allocas that mem2reg
+turns into SSA values) and each row prefetches ahead (the hardware prefetcher alone did not keep
+a core busy on matrices larger than the cache). Parallel over chunks of rows; the
 pool must be awake for this to pay (see ``numba_kernels.__init__``).
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ from numba.extending import intrinsic
 from .cpu_vec import F32, I8, I32, V8F, c64, fma, splat
 
 BLOCK = 32
-# Bytes ahead of the current block that each row prefetches (1-4 KiB measured alike; none was
-# ~35 % slower on a matrix larger than the cache).
+# Bytes ahead of the current block that each row prefetches (1-4 KiB did alike in development
+# timings; without prefetching, matrices larger than the cache were markedly slower).
 PREFETCH_BYTES = 1152
 
 def _make_dot2(bits: int):  # noqa: ANN202 (a Numba intrinsic)
