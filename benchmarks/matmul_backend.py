@@ -6,6 +6,8 @@ prefill budget.
     python benchmarks/matmul_backend.py [--tokens 1,8,32,64,512,2048] [--repeats 5]
 
 Each cell is the best of --repeats calls (after one warm-up); `speedup` = torch / numpy time.
+`numpy cols` is NumPy with the weight stored column-major (what the loader does for CPU float32
+models, `llama.column_major_weights`), `cols gain` = numpy / numpy cols time.
 First line: the memory read bandwidth (best `torch.sum` over 256 MB), the bound for a decode
 step that reads every weight once.
 This measurement is why `inflightd.models.llama.linear` sends float32 CPU matmuls to NumPy
@@ -49,19 +51,21 @@ def main() -> None:
     read_s = best(lambda: big.sum(), args.repeats)
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}; "
           f"memory read bandwidth {big.numel() * 4 / read_s / 1e9:.1f} GB/s")
-    print("| tokens | linear | torch ms | numpy ms | speedup | numpy GFLOP/s |")
-    print("|--:|---|--:|--:|--:|--:|")
+    print("| tokens | linear | torch ms | numpy ms | speedup | numpy cols ms | cols gain | numpy cols GFLOP/s |")
+    print("|--:|---|--:|--:|--:|--:|--:|--:|")
     for m in (int(x) for x in args.tokens.split(",")):
         for name, out_f, in_f in SHAPES:
             rows = min(m, 64) if name == "lm_head" else m  # logits only for the sampled rows
             w = torch.randn(out_f, in_f)
             x = torch.randn(rows, in_f)
             wn, xn = w.numpy(), x.numpy()
+            wc = np.asfortranarray(wn)  # same [out, in] matrix, column-major
             t_torch = best(lambda x=x, w=w: torch.nn.functional.linear(x, w), args.repeats)
             t_np = best(lambda xn=xn, wn=wn: np.matmul(xn, wn.T), args.repeats)
-            gflops = 2 * rows * out_f * in_f / t_np / 1e9
-            speedup = f"{t_torch / t_np:.2f}×"
-            cells = [str(rows), name, f"{t_torch * 1e3:.3f}", f"{t_np * 1e3:.3f}", speedup, f"{gflops:.1f}"]
+            t_cols = best(lambda xn=xn, wc=wc: np.matmul(xn, wc.T), args.repeats)
+            gflops = 2 * rows * out_f * in_f / t_cols / 1e9
+            cells = [str(rows), name, f"{t_torch * 1e3:.3f}", f"{t_np * 1e3:.3f}", f"{t_torch / t_np:.2f}×",
+                     f"{t_cols * 1e3:.3f}", f"{t_np / t_cols:.2f}×", f"{gflops:.1f}"]
             print("| " + " | ".join(cells) + " |")
 
 

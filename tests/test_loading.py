@@ -60,3 +60,27 @@ def test_bfloat16_weights_are_bfloat16(default_gguf: Path) -> None:
     model, stats = load_model(default_gguf, "bfloat16")
     assert all(t.dtype == torch.bfloat16 for t in model.weights.tensors() if t is not model.weights.rope_freq_factors)
     assert stats.weight_bytes == sum(t.numel() * 2 for t in {id(t): t for t in model.weights.tensors()}.values())
+
+
+def test_float32_linears_are_stored_column_major(default_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # NumPy's BLAS is faster on column-major weights at decode batch sizes; the values, shapes
+    # and the embedding tie must be exactly those of the row-major load.
+    from inflightd.models import llama
+
+    model, _ = load_model(default_gguf, "float32")
+    monkeypatch.setattr(llama, "CPU_COLUMN_WEIGHTS", False)
+    rows, _ = load_model(default_gguf, "float32")
+    w, r = model.weights, rows.weights
+    assert w.lm_head is w.embed and r.lm_head is r.embed
+    linears = [(lw.qkv, rw.qkv) for lw, rw in zip(w.layers, r.layers)]
+    linears += [(lw.down, rw.down) for lw, rw in zip(w.layers, r.layers)] + [(w.lm_head, r.lm_head)]
+    for a, b in linears:
+        assert a.t().is_contiguous() and not a.is_contiguous() and b.is_contiguous()
+        assert a.shape == b.shape and torch.equal(a, b)
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(8, model.config.hidden_size, generator=gen)
+    ref = hidden.double() @ r.lm_head.double().T
+    out = model.logits(hidden)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    ids = torch.randint(0, model.config.vocab_size, (5,), generator=gen)
+    assert torch.equal(torch.nn.functional.embedding(ids, w.embed), r.embed[ids])

@@ -98,13 +98,15 @@ def _assemble(config: ModelConfig, get: GetTensor, dtype: torch.dtype, device: t
     head = get("output.weight", dtype)
     lm_head = embed if head is None or c.tie_word_embeddings else head.to(device)
     factors = get("rope_freqs.weight", torch.float32)
-    return LlamaWeights(
+    weights = LlamaWeights(
         embed=embed,
         layers=layers,
         norm=need("output_norm.weight"),
         lm_head=lm_head,
         rope_freq_factors=None if factors is None else factors.to(device),
     )
+    llama.column_major_weights(weights)
+    return weights
 
 
 # ---------------------------------------------------------------------------------------- GGUF
