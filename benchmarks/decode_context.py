@@ -1,4 +1,4 @@
-"""One-token decode of the default model (`LlamaModel.decode_token`, one Numba call per layer)
+"""One-token decode of the default model (`LlamaModel.decode_tokens`, one Numba call per layer)
 against context length, for several attention serial thresholds, interleaved in one process.
 
 The products from the block codes cost the same at every context; what grows is attention
@@ -40,7 +40,7 @@ def main() -> None:
     def load() -> LlamaModel:
         model, _ = load_model(resolve_model("default"), "float32", "cpu")
         numba_kernels.warmup()
-        model.warm_decode_token()
+        model.warm_decode_tokens()
         return model
 
     model = run_on_own_thread(load)  # a pool left on this thread would throttle the spin
@@ -62,8 +62,8 @@ def main() -> None:
                 slot = np.array([int(table[0, pos // bs]) * bs + pos % bs], np.int64)
                 for _ in range(args.reps):
                     t = time.perf_counter()
-                    model.decode_token(5, pos, caches, slot, table, np.array([ctx], np.int32), bs,  # type: ignore[arg-type]
-                                       serial_work=sw)
+                    model.decode_tokens([5], [pos], caches, slot, table, np.array([ctx], np.int32),  # type: ignore[arg-type]
+                                        bs, serial_work=sw)
                     best = min(best, time.perf_counter() - t)
                 times.setdefault((sw, ctx), []).append(best * 1e3)
     print(f"<!-- python benchmarks/decode_context.py --contexts {args.contexts} --serial-work {args.serial_work} "

@@ -4,9 +4,9 @@ vocab projection) and the Numba kernels with wall-clock accumulators, runs B cha
 
     python benchmarks/step_profile.py [--batch 1] [--tokens 64] [--dtype float32] [--layer-calls]
 
-One-token steps of one sequence run each layer as a single Numba call
+Decode steps of up to QGEMM_MAX_TOKENS (16) sequences run each layer as a single Numba call
 (numba_kernels.cpu_decode), which the wrappers cannot see into: there `forward` only counts the
-prefill, and `decode_token` the rest. `--layer-calls` turns that path off (the model's ordinary
+prefill, and `decode_tokens` the rest. `--layer-calls` turns that path off (the model's ordinary
 forward, ~25 calls per layer) to see its parts, and to compare the two.
 
 Shares overlap where calls nest (`forward` contains `linear`; `execute` contains `forward` and
@@ -61,7 +61,7 @@ def main() -> None:
     model: Any = llm.model
     model.forward = timed("forward", model.forward)
     model.logits = timed("logits (vocab projection)", model.logits)
-    model.decode_token = timed("decode_token (one call per layer)", model.decode_token)
+    model.decode_tokens = timed("decode_tokens (one call per layer)", model.decode_tokens)
     if args.layer_calls:
         runner._caches_np = None
     prompts = [[{"role": "user", "content": f"Write story number {i} about a lighthouse."}] for i in range(args.batch)]

@@ -159,7 +159,7 @@ class LLM:
                 self.tokenizer = Tokenizer.from_gguf_reader(gguf)
                 del gguf  # releases the file mapping: the weights are copies
             numba_kernels.warmup(dtypes=(self.model.dtype,))
-            self.model.warm_decode_token()
+            self.model.warm_decode_tokens()
             return measure_activation_peak(self.model, max_num_batched_tokens, block_size)
 
         peak = run_on_own_thread(start_up)

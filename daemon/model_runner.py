@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from .kv_storage import PagedKVCache, PagedStep, peak_rss, reset_peak_rss
-from .models.llama import ContiguousKVCache, LlamaModel
+from .models.llama import ContiguousKVCache, LlamaModel, uses_codes
 from .omp_spin import SpinGovernor
 from .sequence import SeqChunk
 
@@ -27,12 +27,12 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = model.device
-        # One-token steps of a model with block codes spin OpenMP's workers; every other step
-        # throttles them (see omp_spin). CPU only: a GPU step launches no OpenMP regions.
+        # Steps whose products come from the block codes (a few tokens) spin OpenMP's workers;
+        # every other step throttles them (see omp_spin). CPU only: a GPU step launches no OpenMP regions.
         self._omp = SpinGovernor() if self.device.type == "cpu" else None
         self._codes = model.weights.lm_head_q is not None
-        # One-token steps of one sequence run each layer as one Numba call (LlamaModel.decode_token)
-        # over numpy views of the cache, made once here.
+        # Decode steps of up to QGEMM_MAX_TOKENS sequences run each layer as one Numba call
+        # (LlamaModel.decode_tokens) over numpy views of the cache, made once here.
         self._caches_np: list[tuple[np.ndarray, np.ndarray]] | None = None
         if kv.dtype == torch.float32 and kv.device.type == "cpu" and model.one_token_layers():
             d = model.config.head_dim
@@ -76,14 +76,21 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )
 
-    def _decode_one(self, c: SeqChunk) -> torch.Tensor:
-        if len(c.slots) != 1:
-            raise ValueError(f"sequence chunk 0: 1 token but {len(c.slots)} slots")
-        hidden = self.model.decode_token(
-            c.token_ids[0], c.start_pos, self._caches_np or [], np.array(c.slots, np.int64),
-            np.array([c.block_table], np.int32), np.array([c.start_pos + 1], np.int32), self.kv.block_size,
+    def _decode(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+        for i, c in enumerate(chunks):
+            if len(c.slots) != 1:
+                raise ValueError(f"sequence chunk {i}: 1 token but {len(c.slots)} slots")
+        width = max(len(c.block_table) for c in chunks)
+        tables = np.full((len(chunks), width), -1, np.int32)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.block_table)] = c.block_table
+        hidden = self.model.decode_tokens(
+            [c.token_ids[0] for c in chunks], [c.start_pos for c in chunks], self._caches_np or [],
+            np.array([c.slots[0] for c in chunks], np.int64), tables,
+            np.array([c.start_pos + 1 for c in chunks], np.int32), self.kv.block_size,
         )
-        return self.model.logits(hidden if c.sample else hidden[:0])
+        rows = [i for i, c in enumerate(chunks) if c.sample]
+        return self.model.logits(hidden[rows])
 
     def release(self, seq_id: int) -> None:
         """Nothing to do: the block manager owns the paged cache's memory."""
@@ -93,14 +100,14 @@ class ModelRunner:
         `copies`: copy-on-write block copies (src, dst) to perform before any cache write."""
         if copies:
             self.kv.copy_blocks([s for s, _ in copies], [d for _, d in copies])
-        one = len(chunks) == 1 and len(chunks[0].token_ids) == 1
+        codes = self._codes and uses_codes(sum(len(c.token_ids) for c in chunks))
         if self._omp is not None:
-            if self._codes and one:
+            if codes:
                 self._omp.spin()
             else:
                 self._omp.throttle()
-        if one and self._caches_np is not None:
-            return self._decode_one(chunks[0])
+        if codes and self._caches_np is not None and all(len(c.token_ids) == 1 for c in chunks):
+            return self._decode(chunks)
         input_ids, positions, step, rows = self.prepare(chunks)
         kv = self.kv
         hidden = self.model.forward(input_ids, positions, lambda layer, q, k, v: kv.attend(step, layer, q, k, v))

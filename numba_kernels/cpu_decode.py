@@ -1,5 +1,5 @@
-"""One decoder layer of a llama-family model for the single new token of a one-sequence decode
-step on the CPU, as one Numba call: RMSNorm, the q/k/v product from the block codes, RoPE, the
+"""One decoder layer of a llama-family model for the new token of each sequence of a decode step
+of a few sequences on the CPU, as one Numba call: RMSNorm, the q/k/v product from the block codes, RoPE, the
 K/V write into the paged cache, paged attention, the output product and residual, RMSNorm, the
 gate/up product, SiLU-and-multiply, the down product and residual.
 
@@ -17,7 +17,7 @@ from numba import njit
 
 from .cpu import _ERRORS, _LOG2E, _attention, _write_kv
 from .cpu_ops import _rms_norm, _rope
-from .cpu_qmatmul import _qgemv
+from .cpu_qmatmul import _qgemm
 
 # Returned for a slot outside the cache (attention errors are cpu._ERRORS codes, all > 0).
 _BAD_SLOT = -1
@@ -37,49 +37,55 @@ def _layer(h, attn_norm, ffn_norm, eps,
            dn_q, dn_d, dn_m, dn_has_m, dn_bits,
            cos, sin, num_heads, num_kv_heads, k, v, slot_mapping, block_tables, context_lens,
            query_start_loc, block_size, scale, nthreads, serial_work):
-    """h [1, hidden] float32, the residual stream, updated in place. Returns 0 or an error."""
-    hidden = h.shape[1]
+    """h [T, hidden] float32, the residual stream of T one-token sequences, updated in place.
+    Returns 0 or an error."""
+    tokens, hidden = h.shape
     head_dim = k.shape[1]
-    x = np.empty((1, hidden), np.float32)
+    x = np.empty((tokens, hidden), np.float32)
     _rms_norm(h, attn_norm, eps, x)
-    qkv = np.empty((1, qkv_q.shape[0]), np.float32)
-    _qgemv(x[0], qkv_q, qkv_d, qkv_m, qkv_has_m, qkv_bits, qkv[0], nthreads)
+    qkv = np.empty((tokens, qkv_q.shape[0]), np.float32)
+    _qgemm(x, qkv_q, qkv_d, qkv_m, qkv_has_m, qkv_bits, qkv, nthreads)
     _rope(qkv, cos, sin, num_heads + num_kv_heads, head_dim)
-    q = np.empty((num_heads, head_dim), np.float32)
-    key = np.empty((num_kv_heads, head_dim), np.float32)
-    value = np.empty((num_kv_heads, head_dim), np.float32)
-    for hh in range(num_heads):
-        for d in range(head_dim):
-            q[hh, d] = qkv[0, hh * head_dim + d]
+    # Rows as the cache write and attention take them: token-major, then head.
+    q = np.empty((tokens * num_heads, head_dim), np.float32)
+    key = np.empty((tokens * num_kv_heads, head_dim), np.float32)
+    value = np.empty((tokens * num_kv_heads, head_dim), np.float32)
     base = num_heads * head_dim
-    for hh in range(num_kv_heads):
-        for d in range(head_dim):
-            key[hh, d] = qkv[0, base + hh * head_dim + d]
-            value[hh, d] = qkv[0, base + (num_kv_heads + hh) * head_dim + d]
+    for t in range(tokens):
+        for hh in range(num_heads):
+            for d in range(head_dim):
+                q[t * num_heads + hh, d] = qkv[t, hh * head_dim + d]
+        for hh in range(num_kv_heads):
+            for d in range(head_dim):
+                key[t * num_kv_heads + hh, d] = qkv[t, base + hh * head_dim + d]
+                value[t * num_kv_heads + hh, d] = qkv[t, base + (num_kv_heads + hh) * head_dim + d]
     if _write_kv(key, value, k, v, slot_mapping, num_kv_heads) >= 0:
         return _BAD_SLOT
-    att = np.empty((num_heads, head_dim), np.float32)
+    att = np.empty((tokens * num_heads, head_dim), np.float32)
     err = _attention(att, q, k, v, block_tables, context_lens, query_start_loc, num_heads,
                      num_kv_heads, block_size, scale, nthreads, serial_work)
     if err:
         return err
-    o = np.empty(o_q.shape[0], np.float32)
-    _qgemv(att.reshape(-1), o_q, o_d, o_m, o_has_m, o_bits, o, nthreads)
-    for i in range(hidden):
-        h[0, i] += o[i]
+    o = np.empty((tokens, o_q.shape[0]), np.float32)
+    _qgemm(att.reshape(tokens, -1), o_q, o_d, o_m, o_has_m, o_bits, o, nthreads)
+    for t in range(tokens):
+        for i in range(hidden):
+            h[t, i] += o[t, i]
     _rms_norm(h, ffn_norm, eps, x)
-    gu = np.empty(gu_q.shape[0], np.float32)
-    _qgemv(x[0], gu_q, gu_d, gu_m, gu_has_m, gu_bits, gu, nthreads)
-    inter = gu.shape[0] // 2
-    act = np.empty(inter, np.float32)
+    gu = np.empty((tokens, gu_q.shape[0]), np.float32)
+    _qgemm(x, gu_q, gu_d, gu_m, gu_has_m, gu_bits, gu, nthreads)
+    inter = gu.shape[1] // 2
+    act = np.empty((tokens, inter), np.float32)
     one = np.float32(1.0)
-    for i in range(inter):
-        g = gu[i]
-        act[i] = g / (one + np.exp(-g)) * gu[inter + i]  # torch's silu: x / (1 + exp(-x))
-    dn = np.empty(dn_q.shape[0], np.float32)
-    _qgemv(act, dn_q, dn_d, dn_m, dn_has_m, dn_bits, dn, nthreads)
-    for i in range(hidden):
-        h[0, i] += dn[i]
+    for t in range(tokens):
+        for i in range(inter):
+            g = gu[t, i]
+            act[t, i] = g / (one + np.exp(-g)) * gu[t, inter + i]  # torch's silu: x / (1 + exp(-x))
+    dn = np.empty((tokens, dn_q.shape[0]), np.float32)
+    _qgemm(act, dn_q, dn_d, dn_m, dn_has_m, dn_bits, dn, nthreads)
+    for t in range(tokens):
+        for i in range(hidden):
+            h[t, i] += dn[t, i]
     return 0
 
 
@@ -88,20 +94,27 @@ def layer(h: np.ndarray, attn_norm: np.ndarray, ffn_norm: np.ndarray, eps: float
           k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: np.ndarray,
           block_tables: np.ndarray, context_lens: np.ndarray, block_size: int, scale: float,
           nthreads: int, serial_work: int = DECODE_SERIAL_WORK) -> None:
-    """Run one layer in place on h [1, hidden] (float32, C-contiguous).
+    """Run one layer in place on h [T, hidden] (float32, C-contiguous): the one new token of
+    each of T sequences.
 
     weights: (q, d, m, has_m, bits) for qkv, o, gate_up and down in that order, flattened (20
-    items; m is d where has_m is False; see cpu_qmatmul); cos, sin [1, rope_dim]; caches as
-    [num_slots * num_kv_heads, head_dim] views; slot_mapping [1] int64; block_tables [1, width]
-    int32; context_lens [1] int32 (the context including this token)."""
+    items; m is d where has_m is False; see cpu_qmatmul); cos, sin [T, rope_dim]; caches as
+    [num_slots * num_kv_heads, head_dim] views; slot_mapping [T] int64; block_tables [T, width]
+    int32; context_lens [T] int32 (each context including its new token)."""
+    tokens = h.shape[0]
+    if not (slot_mapping.shape[0] == block_tables.shape[0] == context_lens.shape[0] == cos.shape[0] == tokens):
+        raise ValueError(f"{tokens} tokens but slot_mapping {slot_mapping.shape[0]}, block_tables "
+                         f"{block_tables.shape[0]}, context_lens {context_lens.shape[0]}, cos {cos.shape[0]} rows")
+    qsl = _QSL[: tokens + 1] if tokens < _QSL.shape[0] else np.arange(tokens + 1, dtype=np.int32)
     err = _layer(h, attn_norm, ffn_norm, np.float32(eps), *weights, cos, sin, num_heads,
                  num_kv_heads, k_cache, v_cache, slot_mapping, block_tables, context_lens,
-                 _QSL, block_size, float(scale) * _LOG2E, nthreads, serial_work)
+                 qsl, block_size, float(scale) * _LOG2E, nthreads, serial_work)
     if err == _BAD_SLOT:
-        raise ValueError(f"slot_mapping[0] = {int(slot_mapping[0])} is outside the cache's "
+        bad = [int(s) for s in slot_mapping if not -1 <= s < k_cache.shape[0] // num_kv_heads]
+        raise ValueError(f"slot_mapping holds {bad[0] if bad else '?'}, outside the cache's "
                          f"{k_cache.shape[0] // num_kv_heads} slots")
     if err:
         raise ValueError(_ERRORS[err])
 
 
-_QSL = np.array([0, 1], np.int32)  # query_start_loc of one sequence with one token
+_QSL = np.arange(65, dtype=np.int32)  # query_start_loc of up to 64 one-token sequences

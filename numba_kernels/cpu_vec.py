@@ -48,7 +48,7 @@ def _vec(builder: ir.IRBuilder, base: ir.Value, byte_offset: ir.Value, k: int) -
     return builder.load(builder.gep(builder.bitcast(p, V8F.as_pointer()), [c64(k)]), align=4)
 
 
-def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+def hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
     undef8 = ir.Constant(V8F, ir.Undefined)
     lo = builder.shuffle_vector(v, undef8, ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3]))
     hi = builder.shuffle_vector(v, undef8, ir.Constant(ir.VectorType(I32, 4), [4, 5, 6, 7]))
@@ -81,7 +81,7 @@ def scores64(typingctx, qa, ka, k_stride, n, out, accumulate):  # noqa: ANN001, 
             for k in range(2, 8, 2):
                 a = builder.call(fma_v, [q[k], kv[k], a])
                 b = builder.call(fma_v, [q[k + 1], kv[k + 1], b])
-            s = _hsum(builder, builder.fadd(a, b))
+            s = hsum(builder, builder.fadd(a, b))
             dst = builder.gep(outp, [t])
             builder.store(builder.select(add, builder.fadd(builder.load(dst), s), s), dst)
         return context.get_dummy_value()

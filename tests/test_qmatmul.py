@@ -1,4 +1,4 @@
-"""One-token products against block-quantized weights (numba_kernels.cpu_qmatmul) against a
+"""Products of a few tokens against block-quantized weights (numba_kernels.cpu_qmatmul) against a
 float64 reference of the dequantized weights, on fresh random inputs; and the model's
 `linear` taking that path for exactly the weights it is given codes for."""
 from __future__ import annotations
@@ -68,18 +68,43 @@ def test_qgemv_refuses_other_code_widths() -> None:
         cpu_qmatmul.qgemv(np.ones(32, np.float32), q, d, m, 5, 1)
 
 
-def test_linear_uses_codes_for_one_token_only() -> None:
-    """One token goes through the codes (a weight whose float copy disagrees shows it), more
-    than one through float32 BLAS; both agree with the float64 product where they should."""
+@pytest.mark.parametrize("tokens", [2, 3, 4, 5, 7, 9, 12])
+@pytest.mark.parametrize("offsets", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qgemm_matches_float64_and_each_token_alone(tokens: int, offsets: bool, bits: int) -> None:
+    """Tokens go through in groups of cpu_qmatmul.GROUP; every row of the result must equal,
+    bit for bit, the product of that token alone (batch invariance), and the float64 product."""
+    rng = _rng(tokens, offsets, bits)
+    q, d, m = _weights(rng, 962, 576, offsets, bits)
+    x = rng.standard_normal((tokens, 576)).astype(np.float32)
+    want = x.astype(np.float64) @ _dense(q, d, m, bits).T
+    got = cpu_qmatmul.qgemm(x, q, d, m, bits, 2)
+    assert got.shape == (tokens, 962) and np.isfinite(got).all()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+    for t in range(tokens):
+        assert np.array_equal(got[t], cpu_qmatmul.qgemv(x[t], q, d, m, bits, 3))
+
+
+def test_qgemm_refuses_x_of_the_wrong_width() -> None:
+    q, d, m = _weights(_rng("width"), 2, 64, True, 4)
+    with pytest.raises(ValueError, match=r"x must be \[tokens, 64\]"):
+        cpu_qmatmul.qgemm(np.ones((3, 32), np.float32), q, d, m, 4, 1)
+
+
+def test_linear_uses_codes_for_a_few_tokens_only() -> None:
+    """Up to QGEMM_MAX_TOKENS tokens go through the codes (a weight whose float copy disagrees
+    shows it), more through float32 BLAS; both agree with the float64 product where they should."""
     rng = _rng("linear")
     q, d, m = _weights(rng, 64, 128, True, 4)
     wq = llama.QuantWeight(q, d, m, 4)
     dense = torch.from_numpy(_dense(q, d, m, 4).astype(np.float32))
     bias = torch.from_numpy(rng.standard_normal(64).astype(np.float32))
-    x1 = torch.from_numpy(rng.standard_normal((1, 128)).astype(np.float32))
-    want = x1.double() @ dense.double().T + bias.double()
-    got = llama.linear(x1, dense, bias, wq)
-    assert float((got.double() - want).norm() / want.norm()) <= 1e-5
-    assert torch.allclose(llama.linear(x1, torch.zeros_like(dense), bias, wq), got)  # the codes
-    x4 = torch.from_numpy(rng.standard_normal((4, 128)).astype(np.float32))
-    assert torch.equal(llama.linear(x4, torch.zeros_like(dense), None, wq), torch.zeros(4, 64))
+    for n in (1, llama.QGEMM_MAX_TOKENS):
+        x = torch.from_numpy(rng.standard_normal((n, 128)).astype(np.float32))
+        want = x.double() @ dense.double().T + bias.double()
+        got = llama.linear(x, dense, bias, wq)
+        assert float((got.double() - want).norm() / want.norm()) <= 1e-5
+        assert torch.allclose(llama.linear(x, torch.zeros_like(dense), bias, wq), got)  # the codes
+    n = llama.QGEMM_MAX_TOKENS + 1
+    x = torch.from_numpy(rng.standard_normal((n, 128)).astype(np.float32))
+    assert torch.equal(llama.linear(x, torch.zeros_like(dense), None, wq), torch.zeros(n, 64))

@@ -160,10 +160,17 @@ def column_major_weights(weights: LlamaWeights) -> None:
         weights.embed = weights.lm_head
 
 
-# One token's products against weights kept as block codes: `numba_kernels.cpu_qmatmul` reads
-# 1 byte per weight instead of 4 (single-sequence decode is bound by memory bandwidth).
-# INFLIGHTD_CPU_QGEMV=0 keeps float32 BLAS for them too, for comparison.
+# Products of up to QGEMM_MAX_TOKENS tokens against weights kept as block codes:
+# `numba_kernels.cpu_qmatmul` reads ~1 byte per weight instead of 4, once for all the tokens
+# (such steps are bound by memory bandwidth, and OpenBLAS is at its least efficient on 2-8 rows:
+# `python benchmarks/qgemv.py --tokens ...`). Larger batches are bound by arithmetic, where
+# float32 BLAS is faster. INFLIGHTD_CPU_QGEMV=0 keeps float32 BLAS for all, for comparison;
+# INFLIGHTD_CPU_QGEMM_MAX_TOKENS moves the crossover (1: codes for one token only).
 CPU_QGEMV = os.environ.get("INFLIGHTD_CPU_QGEMV", "1") != "0"
+_max_tokens = os.environ.get("INFLIGHTD_CPU_QGEMM_MAX_TOKENS", "16")
+if not _max_tokens.isdigit():
+    raise ValueError(f"INFLIGHTD_CPU_QGEMM_MAX_TOKENS must be a whole number of tokens, got {_max_tokens!r}")
+QGEMM_MAX_TOKENS = int(_max_tokens)
 _QGEMV_CHUNKS: list[int] = []
 
 
@@ -174,17 +181,23 @@ def _num_threads() -> int:
     return _QGEMV_CHUNKS[0]
 
 
-def _qgemv(x: torch.Tensor, wq: QuantWeight) -> torch.Tensor:
-    xv = np.ascontiguousarray(x.numpy()[0])
-    return torch.from_numpy(cpu_qmatmul.qgemv(xv, wq.q, wq.d, wq.m, wq.bits, _num_threads())).view(1, -1)
+def _qgemm(x: torch.Tensor, wq: QuantWeight) -> torch.Tensor:
+    xv = np.ascontiguousarray(x.numpy())
+    return torch.from_numpy(cpu_qmatmul.qgemm(xv, wq.q, wq.d, wq.m, wq.bits, _num_threads()))
+
+
+def uses_codes(num_tokens: int) -> bool:
+    """Whether a float32 CPU step of this many tokens multiplies from the block codes (where the
+    model has them): its products are then Numba parallel regions, not OpenBLAS calls."""
+    return CPU_QGEMV and num_tokens <= QGEMM_MAX_TOKENS
 
 
 def linear(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, wq: QuantWeight | None = None
 ) -> torch.Tensor:
     # x: [T, in]; w: [out, in]; bias: [out]; wq: w as block codes, if kept → [T, out] (F.linear).
-    if wq is not None and x.shape[0] == 1 and _fused(x):
-        out = _qgemv(x, wq)
+    if wq is not None and uses_codes(x.shape[0]) and _fused(x):
+        out = _qgemm(x, wq)
         return out if bias is None else out.add_(bias)
     if CPU_MATMUL == "numpy" and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad:
         out = torch.from_numpy(np.matmul(x.numpy(), w.numpy().T))
@@ -235,7 +248,7 @@ class LlamaModel:
         self._layer_args: list[tuple[np.ndarray, np.ndarray, tuple[object, ...]]] | None = None
 
     def one_token_layers(self) -> bool:
-        """Whether `decode_token` can run: float32 on the CPU, every linear of every layer kept
+        """Whether `decode_tokens` can run: float32 on the CPU, every linear of every layer kept
         as block codes, no q/k/v bias (the fused layer has none)."""
         if self.device.type != "cpu":
             return False
@@ -254,28 +267,33 @@ class LlamaModel:
             self._layer_args = args
         return bool(self._layer_args)
 
-    def warm_decode_token(self) -> None:
+    def warm_decode_tokens(self) -> None:
         """Compile (or load from Numba's cache) the one-call layer for this model's weight types,
         with a one-block scratch cache: otherwise the first one-token step would."""
         if not self.one_token_layers():
             return
         cfg, block = self.config, 16
         caches = [(np.zeros((block * cfg.num_kv_heads, cfg.head_dim), np.float32),) * 2] * cfg.num_layers
-        self.decode_token(0, 0, caches, np.zeros(1, np.int64), np.zeros((1, 1), np.int32), np.ones(1, np.int32), block)
+        self.decode_tokens([0], [0], caches, np.zeros(1, np.int64), np.zeros((1, 1), np.int32), np.ones(1, np.int32),
+                           block)
 
     @torch.inference_mode()
-    def decode_token(self, token_id: int, position: int, caches: list[tuple[np.ndarray, np.ndarray]],
-                     slot_mapping: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
-                     block_size: int, serial_work: int = cpu_decode.DECODE_SERIAL_WORK) -> torch.Tensor:
-        """`forward` for one token of one sequence (when `one_token_layers()`), each layer one
-        Numba call (numba_kernels.cpu_decode) → hidden state [1, hidden] after the final norm.
+    def decode_tokens(self, token_ids: list[int], positions: list[int], caches: list[tuple[np.ndarray, np.ndarray]],
+                      slot_mapping: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
+                      block_size: int, serial_work: int = cpu_decode.DECODE_SERIAL_WORK) -> torch.Tensor:
+        """`forward` for the one new token of each of T sequences (when `one_token_layers()`;
+        products from the codes, so T up to QGEMM_MAX_TOKENS pays), each layer one Numba call
+        (numba_kernels.cpu_decode) → hidden states [T, hidden] after the final norm.
         caches: per layer, the K and V caches as [num_slots * num_kv_heads, head_dim] arrays;
-        the rest is the step's paged metadata and attention's serial threshold (cpu_decode.layer)."""
+        the rest is the step's paged metadata ([T] slots, [T, width] tables, [T] context
+        lengths) and attention's serial threshold (cpu_decode.layer)."""
         cfg, w = self.config, self.weights
         assert self._layer_args
-        h = w.embed[token_id].numpy().reshape(1, -1).copy()
-        cos, sin = self.rope_tables(torch.tensor([position]))
-        cos_np, sin_np = cos.reshape(1, -1).numpy(), sin.reshape(1, -1).numpy()
+        ids = torch.tensor(token_ids, dtype=torch.int64)
+        h = np.ascontiguousarray(F.embedding(ids, w.embed).numpy())
+        cos, sin = self.rope_tables(torch.tensor(positions, dtype=torch.int64))
+        n = len(token_ids)
+        cos_np, sin_np = cos.reshape(n, -1).numpy(), sin.reshape(n, -1).numpy()
         for (attn_norm, ffn_norm, qws), (kc, vc) in zip(self._layer_args, caches):
             cpu_decode.layer(h, attn_norm, ffn_norm, cfg.rms_norm_eps, qws, cos_np, sin_np, cfg.num_heads,
                              cfg.num_kv_heads, kc, vc, slot_mapping, block_tables, context_lens, block_size,
