@@ -4,8 +4,9 @@ libgomp reads ``GOMP_SPINCOUNT`` once (inflightd sets 10000, ~0.1-0.2 ms, see __
 long a worker spins after a parallel region before it sleeps. The two kinds of step want
 opposite things:
 
-- A decode step of one sequence runs ~120 short Numba regions (one quantized product per
-  linear, ``numba_kernels.cpu_qmatmul``) tens of µs apart: sleeping workers cost a ~60-110 µs
+- A step of up to ``llama.QGEMM_MAX_TOKENS`` tokens (decode of a few sequences) runs ~120
+  short Numba regions (one quantized product per linear, ``numba_kernels.cpu_qmatmul``) tens
+  of µs apart: sleeping workers cost a ~60-110 µs
   wake-up each on this VM (``python benchmarks/qgemv.py``: 17.4 ms of products per token
   passive, 8.6 ms spinning).
 - Every other step multiplies through OpenBLAS, whose own threads need both cores right after
