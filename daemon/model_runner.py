@@ -76,22 +76,6 @@ class ModelRunner:
             torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )
 
-    def _decode(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
-        for i, c in enumerate(chunks):
-            if len(c.slots) != 1:
-                raise ValueError(f"sequence chunk {i}: 1 token but {len(c.slots)} slots")
-        width = max(len(c.block_table) for c in chunks)
-        tables = np.full((len(chunks), width), -1, np.int32)
-        for i, c in enumerate(chunks):
-            tables[i, : len(c.block_table)] = c.block_table
-        hidden = self.model.decode_tokens(
-            [c.token_ids[0] for c in chunks], [c.start_pos for c in chunks], self._caches_np or [],
-            np.array([c.slots[0] for c in chunks], np.int64), tables,
-            np.array([c.start_pos + 1 for c in chunks], np.int32), self.kv.block_size,
-        )
-        rows = [i for i, c in enumerate(chunks) if c.sample]
-        return self.model.logits(hidden[rows])
-
     def release(self, seq_id: int) -> None:
         """Nothing to do: the block manager owns the paged cache's memory."""
 
@@ -106,11 +90,14 @@ class ModelRunner:
                 self._omp.spin()
             else:
                 self._omp.throttle()
-        if codes and self._caches_np is not None and all(len(c.token_ids) == 1 for c in chunks):
-            return self._decode(chunks)
         input_ids, positions, step, rows = self.prepare(chunks)
         kv = self.kv
-        hidden = self.model.forward(input_ids, positions, lambda layer, q, k, v: kv.attend(step, layer, q, k, v))
+        if codes and self._caches_np is not None and step.decode_only:
+            hidden = self.model.decode_tokens(
+                input_ids, positions, self._caches_np, step.slot_mapping.numpy(), step.block_tables.numpy(),
+                step.context_lens.numpy(), step.query_start_loc.numpy(), kv.block_size)
+        else:
+            hidden = self.model.forward(input_ids, positions, lambda layer, q, k, v: kv.attend(step, layer, q, k, v))
         return self.model.logits(hidden[rows])
 
 

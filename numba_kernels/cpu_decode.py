@@ -92,23 +92,23 @@ def _layer(h, attn_norm, ffn_norm, eps,
 def layer(h: np.ndarray, attn_norm: np.ndarray, ffn_norm: np.ndarray, eps: float,
           weights: tuple, cos: np.ndarray, sin: np.ndarray, num_heads: int, num_kv_heads: int,
           k_cache: np.ndarray, v_cache: np.ndarray, slot_mapping: np.ndarray,
-          block_tables: np.ndarray, context_lens: np.ndarray, block_size: int, scale: float,
-          nthreads: int, serial_work: int = DECODE_SERIAL_WORK) -> None:
+          block_tables: np.ndarray, context_lens: np.ndarray, query_start_loc: np.ndarray,
+          block_size: int, scale: float, nthreads: int, serial_work: int = DECODE_SERIAL_WORK) -> None:
     """Run one layer in place on h [T, hidden] (float32, C-contiguous): the one new token of
     each of T sequences.
 
     weights: (q, d, m, has_m, bits) for qkv, o, gate_up and down in that order, flattened (20
     items; m is d where has_m is False; see cpu_qmatmul); cos, sin [T, rope_dim]; caches as
     [num_slots * num_kv_heads, head_dim] views; slot_mapping [T] int64; block_tables [T, width]
-    int32; context_lens [T] int32 (each context including its new token)."""
+    int32; context_lens [T] int32 (each context including its new token); query_start_loc
+    [T + 1] int32, 0..T."""
     tokens = h.shape[0]
     if not (slot_mapping.shape[0] == block_tables.shape[0] == context_lens.shape[0] == cos.shape[0] == tokens):
         raise ValueError(f"{tokens} tokens but slot_mapping {slot_mapping.shape[0]}, block_tables "
                          f"{block_tables.shape[0]}, context_lens {context_lens.shape[0]}, cos {cos.shape[0]} rows")
-    qsl = _QSL[: tokens + 1] if tokens < _QSL.shape[0] else np.arange(tokens + 1, dtype=np.int32)
     err = _layer(h, attn_norm, ffn_norm, np.float32(eps), *weights, cos, sin, num_heads,
                  num_kv_heads, k_cache, v_cache, slot_mapping, block_tables, context_lens,
-                 qsl, block_size, float(scale) * _LOG2E, nthreads, serial_work)
+                 query_start_loc, block_size, float(scale) * _LOG2E, nthreads, serial_work)
     if err == _BAD_SLOT:
         bad = [int(s) for s in slot_mapping if not -1 <= s < k_cache.shape[0] // num_kv_heads]
         raise ValueError(f"slot_mapping holds {bad[0] if bad else '?'}, outside the cache's "
@@ -116,5 +116,3 @@ def layer(h: np.ndarray, attn_norm: np.ndarray, ffn_norm: np.ndarray, eps: float
     if err:
         raise ValueError(_ERRORS[err])
 
-
-_QSL = np.arange(65, dtype=np.int32)  # query_start_loc of up to 64 one-token sequences

@@ -50,24 +50,25 @@ PREFETCH_BYTES = 1152
 GROUP = 4
 
 
-def _make_dot(bits: int, tokens: int):  # noqa: ANN202 (a Numba intrinsic)
+def _make_dot(tokens: int):  # noqa: ANN202 (a Numba intrinsic)
     """An intrinsic: the dot products of two adjacent rows of codes with ``tokens`` rows of x,
-    over nb blocks. Arguments: the address of x's first row and the bytes between its rows; the
-    same for s, the per-lane block sums of x (see `_lane_sums`; unused without offsets); the
-    address of row r's codes and the bytes between rows of codes; the addresses of row r's d and
-    m (0: no offsets); the blocks per row; the address of out[0, r] and the bytes between rows of
-    out. Writes out[t, r] and out[t, r + 1] for t < tokens.
+    over nb blocks. Arguments: the code width (4 or 8 bits); the address of x's first row and
+    the bytes between its rows; the same for s, the per-lane block sums of x (see `_lane_sums`;
+    unused without offsets); the address of row r's codes and the bytes between rows of codes;
+    the addresses of row r's d and m (0: no offsets); the blocks per row; the address of
+    out[0, r] and the bytes between rows of out. Writes out[t, r] and out[t, r + 1] for
+    t < tokens.
 
     Each (row, token) sum sees the same operations in the same order whatever ``tokens`` is, so
-    a token's result does not depend on which others share its pass (batch invariance)."""
-    block_bytes = BLOCK * bits // 8
+    a token's result does not depend on which others share its pass (batch invariance). The
+    code width and the offsets are tested once, outside the loop over blocks."""
 
     @intrinsic
-    def dot(typingctx, xa, x_stride, sa, s_stride, qa, q_stride, da, ma, nb, oa, o_stride):  # noqa: ANN001, ANN202, ARG001
-        sig = types.void(*[types.intp] * 11)
+    def dot(typingctx, bits, xa, x_stride, sa, s_stride, qa, q_stride, da, ma, nb, oa, o_stride):  # noqa: ANN001, ANN202, ARG001
+        sig = types.void(*[types.intp] * 12)
 
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202, ARG001
-            xa, x_stride, sa, s_stride, qa, q_stride, da, ma, nb, oa, o_stride = args
+            bits, xa, x_stride, sa, s_stride, qa, q_stride, da, ma, nb, oa, o_stride = args
             mod = builder.module
             fma_v = fma(builder)
             prefetch = cgutils.get_or_insert_function(
@@ -87,10 +88,10 @@ def _make_dot(bits: int, tokens: int):  # noqa: ANN202 (a Numba intrinsic)
             acc = [[cgutils.alloca_once_value(builder, ir.Constant(V8F, None)) for _ in range(tokens)]
                    for _ in range(2)]
 
-            def codes(qrow: ir.Value, j: ir.Value) -> list[ir.Value]:
-                base = builder.gep(qrow, [builder.mul(j, c64(block_bytes))])
+            def codes(qrow: ir.Value, j: ir.Value, width: int) -> list[ir.Value]:
+                base = builder.gep(qrow, [builder.mul(j, c64(BLOCK * width // 8))])
                 v8 = builder.bitcast(base, ir.VectorType(I8, 8).as_pointer())
-                if bits == 8:
+                if width == 8:
                     return [builder.sitofp(builder.load(builder.gep(v8, [c64(k)]), align=1), V8F) for k in range(4)]
                 out = []
                 for k in range(2):
@@ -100,19 +101,19 @@ def _make_dot(bits: int, tokens: int):  # noqa: ANN202 (a Numba intrinsic)
                     out += [builder.sitofp(lo, V8F), builder.sitofp(hi, V8F)]
                 return out
 
-            def loop(with_m: bool) -> None:
+            def loop(width: int, with_m: bool) -> None:
                 mrows = None
                 if with_m:
                     m0 = builder.inttoptr(ma, F32.as_pointer())
                     mrows = [m0, builder.gep(m0, [nb])]
                 with cgutils.for_range(builder, nb) as it:
                     j = it.index
-                    ahead = builder.add(builder.mul(j, c64(block_bytes)), c64(PREFETCH_BYTES))
+                    ahead = builder.add(builder.mul(j, c64(BLOCK * width // 8)), c64(PREFETCH_BYTES))
                     for qrow in qrows:  # read, keep in all cache levels, data
                         flags = [ir.Constant(I32, v) for v in (0, 3, 1)]
                         builder.call(prefetch, [builder.gep(qrow, [ahead]), *flags])
                     for r in range(2):
-                        qf = codes(qrows[r], j)
+                        qf = codes(qrows[r], j, width)
                         dv = splat(builder, builder.load(builder.gep(drows[r], [j])))
                         mv = None if mrows is None else splat(builder, builder.load(builder.gep(mrows[r], [j])))
                         for t in range(tokens):
@@ -125,11 +126,14 @@ def _make_dot(bits: int, tokens: int):  # noqa: ANN202 (a Numba intrinsic)
                                 a = builder.call(fma_v, [mv, builder.load(builder.gep(srows[t], [j]), align=4), a])
                             builder.store(builder.call(fma_v, [dv, builder.fadd(t01, t23), a]), acc[r][t])
 
-            with builder.if_else(builder.icmp_unsigned("!=", ma, c64(0))) as (with_m, without_m):
-                with with_m:
-                    loop(True)
-                with without_m:
-                    loop(False)
+            with builder.if_else(builder.icmp_unsigned("==", bits, c64(4))) as (four, eight):
+                for branch, width in ((four, 4), (eight, 8)):
+                    with branch:
+                        with builder.if_else(builder.icmp_unsigned("!=", ma, c64(0))) as (with_m, without_m):
+                            with with_m:
+                                loop(width, True)
+                            with without_m:
+                                loop(width, False)
             orows = rows_of(oa, o_stride, tokens, F32)
             for t in range(tokens):
                 for r in range(2):
@@ -141,8 +145,7 @@ def _make_dot(bits: int, tokens: int):  # noqa: ANN202 (a Numba intrinsic)
     return dot
 
 
-_q4_1, _q4_2, _q4_3, _q4_4 = (_make_dot(4, t) for t in range(1, GROUP + 1))
-_q8_1, _q8_2, _q8_3, _q8_4 = (_make_dot(8, t) for t in range(1, GROUP + 1))
+_dot1, _dot2, _dot3, _dot4 = (_make_dot(t) for t in range(1, GROUP + 1))
 
 
 @njit(cache=True)
@@ -181,23 +184,14 @@ def _rows(x, s, q, d, m, has_m, bits, out, r0, r1):
             xt = xa + t0 * x_stride
             st = sa + t0 * s_stride
             ot = oa + t0 * o_stride + r * 4
-            if bits == 4:
-                if n == 4:
-                    _q4_4(xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
-                elif n == 3:
-                    _q4_3(xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
-                elif n == 2:
-                    _q4_2(xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
-                else:
-                    _q4_1(xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
-            elif n == 4:
-                _q8_4(xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
+            if n == 4:
+                _dot4(bits, xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
             elif n == 3:
-                _q8_3(xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
+                _dot3(bits, xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
             elif n == 2:
-                _q8_2(xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
+                _dot2(bits, xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
             else:
-                _q8_1(xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
+                _dot1(bits, xt, x_stride, st, s_stride, qr, q_stride, dr, mr, nb, ot, o_stride)
 
 
 @njit(cache=True, parallel=True)

@@ -274,30 +274,31 @@ class LlamaModel:
             return
         cfg, block = self.config, 16
         caches = [(np.zeros((block * cfg.num_kv_heads, cfg.head_dim), np.float32),) * 2] * cfg.num_layers
-        self.decode_tokens([0], [0], caches, np.zeros(1, np.int64), np.zeros((1, 1), np.int32), np.ones(1, np.int32),
-                           block)
+        zero = torch.zeros(1, dtype=torch.int64)
+        self.decode_tokens(zero, zero, caches, np.zeros(1, np.int64), np.zeros((1, 1), np.int32),
+                           np.ones(1, np.int32), np.arange(2, dtype=np.int32), block)
 
     @torch.inference_mode()
-    def decode_tokens(self, token_ids: list[int], positions: list[int], caches: list[tuple[np.ndarray, np.ndarray]],
-                      slot_mapping: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
+    def decode_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      caches: list[tuple[np.ndarray, np.ndarray]], slot_mapping: np.ndarray,
+                      block_tables: np.ndarray, context_lens: np.ndarray, query_start_loc: np.ndarray,
                       block_size: int, serial_work: int = cpu_decode.DECODE_SERIAL_WORK) -> torch.Tensor:
         """`forward` for the one new token of each of T sequences (when `one_token_layers()`;
         products from the codes, so T up to QGEMM_MAX_TOKENS pays), each layer one Numba call
         (numba_kernels.cpu_decode) → hidden states [T, hidden] after the final norm.
-        caches: per layer, the K and V caches as [num_slots * num_kv_heads, head_dim] arrays;
-        the rest is the step's paged metadata ([T] slots, [T, width] tables, [T] context
-        lengths) and attention's serial threshold (cpu_decode.layer)."""
+        input_ids, positions: [T] int64, as for `forward`; caches: per layer, the K and V caches
+        as [num_slots * num_kv_heads, head_dim] arrays; the rest is the step's paged metadata
+        as arrays (PagedStep's fields) and attention's serial threshold (cpu_decode.layer)."""
         cfg, w = self.config, self.weights
         assert self._layer_args
-        ids = torch.tensor(token_ids, dtype=torch.int64)
-        h = np.ascontiguousarray(F.embedding(ids, w.embed).numpy())
-        cos, sin = self.rope_tables(torch.tensor(positions, dtype=torch.int64))
-        n = len(token_ids)
+        h = np.ascontiguousarray(F.embedding(input_ids, w.embed).numpy())
+        cos, sin = self.rope_tables(positions)
+        n = input_ids.shape[0]
         cos_np, sin_np = cos.reshape(n, -1).numpy(), sin.reshape(n, -1).numpy()
         for (attn_norm, ffn_norm, qws), (kc, vc) in zip(self._layer_args, caches):
             cpu_decode.layer(h, attn_norm, ffn_norm, cfg.rms_norm_eps, qws, cos_np, sin_np, cfg.num_heads,
-                             cfg.num_kv_heads, kc, vc, slot_mapping, block_tables, context_lens, block_size,
-                             cfg.attn_scale, _num_threads(), serial_work)
+                             cfg.num_kv_heads, kc, vc, slot_mapping, block_tables, context_lens,
+                             query_start_loc, block_size, cfg.attn_scale, _num_threads(), serial_work)
         return rms_norm(torch.from_numpy(h), w.norm, cfg.rms_norm_eps)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

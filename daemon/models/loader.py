@@ -152,7 +152,7 @@ def load_gguf(
 
 def _attach_block_codes(config: ModelConfig, weights: LlamaWeights, tensors: dict[str, Any], permute: bool) -> None:
     """Keep each linear's GGUF block codes beside its float32 copy where the checkpoint is in a
-    32-element block type (llama.linear uses them for one-token products). All or nothing per
+    32-element block type (llama.linear uses them for products of a few tokens). All or nothing per
     fused weight: q, k and v (or gate and up) must all have codes."""
     from .dequant import BlockCodes, block_codes
 
