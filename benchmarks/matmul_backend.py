@@ -7,7 +7,8 @@ prefill budget.
 
 Each cell is the best of --repeats calls (after one warm-up); `speedup` = torch / numpy time.
 `numpy cols` is NumPy with the weight stored column-major (what the loader does for CPU float32
-models, `llama.column_major_weights`), `cols gain` = numpy / numpy cols time.
+models, `llama.column_major_weights`), `cols gain` = numpy / numpy cols time. Last, what the
+layout costs the tied embedding's lookups (strided gathers), per token count.
 First line: the memory read bandwidth (best `torch.sum` over 256 MB), the bound for a decode
 step that reads every weight once.
 This measurement is why `inflightd.models.llama.linear` sends float32 CPU matmuls to NumPy
@@ -67,6 +68,14 @@ def main() -> None:
             cells = [str(rows), name, f"{t_torch * 1e3:.3f}", f"{t_np * 1e3:.3f}", f"{t_torch / t_np:.2f}×",
                      f"{t_cols * 1e3:.3f}", f"{t_np / t_cols:.2f}×", f"{gflops:.1f}"]
             print("| " + " | ".join(cells) + " |")
+    # The price of the column-major layout: the tied embedding's row lookups become strided.
+    embed = torch.randn(SHAPES[-1][1], SHAPES[-1][2])
+    cols = embed.t().contiguous().t()
+    for n in (int(x) for x in args.tokens.split(",")):
+        ids = torch.randint(0, embed.shape[0], (n,))
+        t_rows = best(lambda ids=ids: torch.nn.functional.embedding(ids, embed), args.repeats)
+        t_emb = best(lambda ids=ids: torch.nn.functional.embedding(ids, cols), args.repeats)
+        print(f"embedding lookup of {n} ids: rows {t_rows * 1e3:.3f} ms, column-major {t_emb * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

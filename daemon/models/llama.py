@@ -131,9 +131,9 @@ if CPU_MATMUL not in ("numpy", "torch"):
     raise ValueError(f"INFLIGHTD_CPU_MATMUL must be 'numpy' or 'torch', got {CPU_MATMUL!r}")
 
 
-# NumPy's BLAS runs x @ w.T up to ~40 % faster at 1-64 tokens (about even from 256) when w.T is
-# the contiguous array, i.e. w [out, in] stored column-major: its kernels then stream the weight's
-# rows without a transposing pack (`python benchmarks/matmul_backend.py`, "numpy cols" column).
+# NumPy's BLAS runs x @ w.T up to ~50 % faster at 8-64 tokens (about even from 512; slower at
+# one token, which the block codes serve) when w.T is the contiguous array, i.e. w [out, in]
+# stored column-major (`python benchmarks/matmul_backend.py`, "numpy cols" column).
 # `column_major_weights` stores CPU float32 linears that way once at load; the tensors keep
 # their [out, in] shapes, so nothing else changes. INFLIGHTD_CPU_COLUMN_WEIGHTS=0 keeps rows.
 CPU_COLUMN_WEIGHTS = os.environ.get("INFLIGHTD_CPU_COLUMN_WEIGHTS", "1") != "0"
@@ -145,8 +145,9 @@ def _column_major(w: torch.Tensor) -> torch.Tensor:
 
 def column_major_weights(weights: LlamaWeights) -> None:
     """Store each linear of a CPU float32 model column-major for NumPy's BLAS (see above). The
-    tied embedding goes too: its lookups become strided gathers (~10 ms for a 2,048-token
-    prefill chunk, ~0.1 ms for 32 decodes), cheaper than the vocab projection they speed up."""
+    tied embedding goes too: its lookups become strided gathers (`benchmarks/matmul_backend.py`:
+    ~9 ms for a 2,048-token prefill chunk, ~0.1 ms for 32 decodes), cheaper than the vocab
+    projection they speed up."""
     if CPU_MATMUL != "numpy" or not CPU_COLUMN_WEIGHTS or weights.embed.device.type != "cpu":
         return
     if weights.embed.dtype != torch.float32:
