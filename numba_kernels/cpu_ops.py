@@ -19,17 +19,32 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .cpu_math import FASTMATH
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True)  # no fastmath: the sum's order is written out below, not left to the compiler
 def _rms_norm(x, w, eps, out):
-    """out[t] = w * (x[t] / sqrt(mean(x[t]^2) + eps)); x, out [T, H] float32, w [H] float32."""
+    """out[t] = w * (x[t] / sqrt(mean(x[t]^2) + eps)); x, out [T, H] float32, w [H] float32.
+
+    The squares go into eight partial sums in a fixed order. With fastmath the compiler chose
+    the order itself, and chose differently for strided and contiguous rows on AVX-512 (the
+    same row gave two results); spelled out, every layout and CPU adds in the same order, and
+    the eight independent sums still vectorise."""
     h = x.shape[1]
     inv_h = np.float32(1.0) / np.float32(h)
+    body = h - h % 8
     for t in range(x.shape[0]):
-        s = np.float32(0.0)
-        for i in range(h):
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+        for i in range(0, body, 8):
+            s0 += x[t, i] * x[t, i]
+            s1 += x[t, i + 1] * x[t, i + 1]
+            s2 += x[t, i + 2] * x[t, i + 2]
+            s3 += x[t, i + 3] * x[t, i + 3]
+            s4 += x[t, i + 4] * x[t, i + 4]
+            s5 += x[t, i + 5] * x[t, i + 5]
+            s6 += x[t, i + 6] * x[t, i + 6]
+            s7 += x[t, i + 7] * x[t, i + 7]
+        s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+        for i in range(body, h):
             s += x[t, i] * x[t, i]
         r = np.float32(1.0) / np.sqrt(s * inv_h + eps)
         for i in range(h):
