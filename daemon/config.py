@@ -6,13 +6,16 @@ the same default; unknown keys are errors, not silently ignored, so that a typo 
 reported instead of quietly keeping the old value.
 
 Live keys (applied at the next engine step on SIGHUP / `inflightd reload`): every key of the
-sections in `LIVE_SECTIONS`. The others (model, listen, kv_cache) shape what was built at start:
-a reload that changes them reports them as needing a restart and keeps the running values.
+sections in `LIVE_SECTIONS` but those in `RESTART_KEYS`. The others (model, listen, kv_cache)
+shape what was built at start: a reload that changes them reports them as needing a restart and
+keeps the running values.
+
+A config is checked whole before anyone sees it (`parse_config`: types, ranges and the rules
+between keys), so that a reload is all or nothing.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -21,7 +24,12 @@ from typing import Any, Literal, TypeVar, cast, get_args, get_origin, get_type_h
 
 import yaml
 
+from .checks import is_finite_number
+
 LIVE_SECTIONS = ("scheduler", "limits", "slo", "cost", "log")
+# Keys of live sections that only a restart changes: aiohttp fixes them per listener at start.
+RESTART_KEYS = frozenset({"limits.keepalive_timeout_s"})
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a page of YAML; refuse a runaway file outright
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -70,6 +78,11 @@ class LimitsSection:
     max_body_bytes: int = 1048576
     request_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0  # on SIGTERM: how long running requests may finish
+    queue_timeout_s: float = 0.0  # a request not admitted after this long gets 503; 0 = no limit
+    read_timeout_s: float = 30.0  # the whole request body must arrive within this (else 408)
+    write_timeout_s: float = 30.0  # a client that takes no output for this long is dropped
+    keepalive_timeout_s: float = 5.0  # idle connection (or unfinished request head) → closed
+    max_connections: int = 1024  # open connections, all listeners together; beyond: 503, closed
 
 
 @dataclass(frozen=True)
@@ -111,12 +124,18 @@ class Config:
             mine, theirs = getattr(self, section.name), getattr(other, section.name)
             for f in fields(mine):
                 if getattr(mine, f.name) != getattr(theirs, f.name):
-                    (live if section.name in LIVE_SECTIONS else restart).append(f"{section.name}.{f.name}")
+                    key = f"{section.name}.{f.name}"
+                    (live if _is_live(key) else restart).append(key)
         return live, restart
 
     def with_live_from(self, other: Config) -> Config:
-        """This config with `other`'s live sections: what a reload puts in force."""
-        return replace(self, source=other.source, **{s: getattr(other, s) for s in LIVE_SECTIONS})
+        """This config with `other`'s live keys: what a reload puts in force."""
+        sections = {}
+        for name in LIVE_SECTIONS:
+            mine = getattr(self, name)
+            kept = {k: getattr(mine, k) for k in (f.name for f in fields(mine)) if not _is_live(f"{name}.{k}")}
+            sections[name] = replace(getattr(other, name), **kept)
+        return replace(self, source=other.source, **sections)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -126,6 +145,15 @@ class Config:
             value = getattr(self, section.name)
             out[section.name] = {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
         return out
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_live(key: str) -> bool:
+    return key.split(".", 1)[0] in LIVE_SECTIONS and key not in RESTART_KEYS
 
 
 def _plain(value: object) -> object:
@@ -138,13 +166,22 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         return Config()
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes: not a config file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     return parse_config(text, source=str(p))
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and check a whole config: every key, range and cross-key rule. Raises ConfigError
+    (never anything else) naming the file and the key."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -152,6 +189,10 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{source}: invalid YAML{at}: {problem}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer beyond Python's int-string conversion limit
+        raise ConfigError(f"{source}: invalid YAML: {str(e).split(';')[0]}") from None
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -196,11 +237,11 @@ def _coerce(tp: Any, value: object, where: str) -> object:
     args = get_args(tp)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: must be one of {', '.join(map(str, args))}; got {value!r}")
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, args))}; got {_shown(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: must be a list, got {value!r}")
+            raise ConfigError(f"{where}: must be a list, got {_shown(value)}")
         return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if args and type(None) in args:  # Optional / unions
         if value is None:
@@ -214,22 +255,24 @@ def _coerce(tp: Any, value: object, where: str) -> object:
             except ConfigError:
                 pass
         names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
-        raise ConfigError(f"{where}: must be {names}; got {value!r}")
+        raise ConfigError(f"{where}: must be {names}; got {_shown(value)}")
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false; got {value!r}")
+            raise ConfigError(f"{where}: must be true or false; got {_shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: must be an integer; got {value!r}")
+            raise ConfigError(f"{where}: must be an integer; got {_shown(value)}")
+        if not -(1 << 63) <= value < 1 << 63:
+            raise ConfigError(f"{where}: out of range; got {_shown(value)}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where}: must be a number; got {value!r}")
+        if not is_finite_number(value):
+            raise ConfigError(f"{where}: must be a number; got {_shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: must be a string; got {value!r}")
+            raise ConfigError(f"{where}: must be a string; got {_shown(value)}")
         return value
     raise AssertionError(f"unhandled annotation {tp!r} at {where}")
 
@@ -239,7 +282,7 @@ def _check(c: Config, source: str) -> None:
 
     def need(ok: bool, key: str, why: str, value: object) -> None:
         if not ok:
-            raise ConfigError(f"{source}: {key}: {why}; got {value!r}")
+            raise ConfigError(f"{source}: {key}: {why}; got {_shown(value)}")
 
     s = c.scheduler
     need(s.max_queue_delay_ms >= 0, "scheduler.max_queue_delay_ms", "must be ≥ 0", s.max_queue_delay_ms)
@@ -257,8 +300,18 @@ def _check(c: Config, source: str) -> None:
     lim = c.limits
     for key in ("max_model_len", "default_max_tokens", "max_body_bytes"):
         need(getattr(lim, key) >= 1, f"limits.{key}", "must be ≥ 1", getattr(lim, key))
-    need(lim.request_timeout_s > 0, "limits.request_timeout_s", "must be > 0", lim.request_timeout_s)
-    need(lim.drain_timeout_s >= 0, "limits.drain_timeout_s", "must be ≥ 0", lim.drain_timeout_s)
+    for key in ("request_timeout_s", "read_timeout_s", "write_timeout_s", "keepalive_timeout_s"):
+        need(getattr(lim, key) > 0, f"limits.{key}", "must be > 0", getattr(lim, key))
+    for key in ("drain_timeout_s", "queue_timeout_s"):
+        need(getattr(lim, key) >= 0, f"limits.{key}", "must be ≥ 0", getattr(lim, key))
+    need(lim.max_connections >= 1, "limits.max_connections", "must be ≥ 1", lim.max_connections)
+    need(
+        s.max_num_batched_tokens >= s.max_num_seqs,
+        "scheduler.max_num_batched_tokens",
+        f"must be ≥ scheduler.max_num_seqs ({s.max_num_seqs}): every running sequence's decode token "
+        "must fit one step",
+        s.max_num_batched_tokens,
+    )
     if not s.chunked_prefill:
         need(
             s.max_num_batched_tokens >= lim.max_model_len,

@@ -13,6 +13,13 @@ to record a step's tokens, never while the model runs. When there is nothing to 
 blocks on the condition (woken by a new request, an abort or shutdown; with a timeout only while
 the queue-delay window holds a request back): no polling. Outputs go to each request's sink,
 called on the engine thread; an asyncio server wraps `loop.call_soon_threadsafe`.
+
+Requests are checked whole before anything is queued (`add_request` is all or nothing), so no
+request can fail a step. When a step fails anyway, only that step's requests end (each with an
+error output; the blocks the step was writing leave the prefix cache) and the loop goes on.
+It stops, failing everything in flight and calling `on_error`, when the error is fatal (the
+`is_fatal` the runtime passes: a poisoned CUDA context does not heal) or when
+`MAX_FAILED_STEPS` steps fail in a row.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Protocol
 
 import torch
 
+from .checks import is_int
 from .sampling import Sampler, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -34,6 +42,9 @@ from .sequence import FinishReason, SeqChunk, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("inflightd.engine")
+
+# Steps that may fail in a row before the engine counts itself broken (is_fatal aside).
+MAX_FAILED_STEPS = 3
 
 
 class Runner(Protocol):
@@ -74,8 +85,11 @@ class EngineOutput:
     timing: Timing | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    error: str | None = None  # the engine failed this request (finish_reason "abort")
+    error: str | None = None  # the engine failed or refused this request (finish_reason "abort")
     cached_tokens: int = 0  # prompt tokens the prefix cache served (known once scheduled)
+    # With `error`: refused for load (it waited past queue_timeout_s), not failed; a client may
+    # retry later.
+    overloaded: bool = False
 
 
 Sink = Callable[[EngineOutput], None]
@@ -135,8 +149,13 @@ class Engine:
         tokenizer: Tokenizer,
         *,
         clock: Callable[[], float] = time.monotonic,
+        is_fatal: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
+        """`is_fatal(exc)`: whether a step's exception means the device cannot go on (the
+        engine then stops); otherwise only that step's requests fail."""
         self.runner = runner
+        self.is_fatal = is_fatal
+        self._failed_steps = 0  # in a row
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.clock = clock
@@ -171,18 +190,23 @@ class Engine:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: Sink, *, priority: int = 0
     ) -> None:
-        """Queue a request. Raises at once (nothing queued) for a full queue (QueueFullError),
-        a prompt + max_tokens over the limits (RequestTooLongError), a duplicate id or a dead
-        engine."""
+        """Queue a request, all or nothing: everything the steps will need is built and checked
+        first, so that a request that is refused leaves no state and one that is queued cannot
+        fail a step. Raises (nothing queued) for a full queue (QueueFullError), a prompt +
+        max_tokens over the limits (RequestTooLongError), token ids outside the vocabulary or a
+        duplicate id (ValueError), or a dead engine (RuntimeError)."""
         if not prompt_token_ids:
             raise ValueError("empty prompt: nothing to condition on")
         vocab = self.tokenizer.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        bad = [t for t in prompt_token_ids if not (is_int(t) and 0 <= t < vocab)]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        params.check_vocab(vocab)
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids
         )
+        generator = make_generator(params)
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
         with self._cond:
             if self.error is not None:
                 raise RuntimeError(f"the engine has failed: {self.error}")
@@ -193,12 +217,9 @@ class Engine:
             seq = Sequence(
                 self._next_seq_id, list(prompt_token_ids), params.max_tokens, priority, arrival_time=self.clock()
             )
-            self.scheduler.add(seq)  # may raise: then nothing was queued
+            self.scheduler.add(seq)  # the last thing that may raise: then nothing was queued
             self._next_seq_id += 1
-            detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-            self._requests[seq.seq_id] = _Request(
-                request_id, seq, params, sink, make_generator(params), detok, stop_ids
-            )
+            self._requests[seq.seq_id] = _Request(request_id, seq, params, sink, generator, detok, stop_ids)
             self._ids[request_id] = seq.seq_id
             self._cond.notify()
 
@@ -248,9 +269,17 @@ class Engine:
                     out = self._next_step()
                     if out is None:
                         break
-                self._run_step(out)
-        except BaseException as exc:  # a failed step fails what is in flight, then the engine
-            log.exception("engine step failed")
+                try:
+                    self._run_step(out)
+                except Exception as exc:
+                    self._failed_steps += 1
+                    if self.is_fatal(exc) or self._failed_steps >= MAX_FAILED_STEPS:
+                        raise
+                    self._fail_step(out, exc)
+                else:
+                    self._failed_steps = 0
+        except BaseException as exc:  # fatal: fail what is in flight, then stop the engine
+            log.exception("engine step failed (fatal)")
             with self._cond:
                 self.error = exc
                 reqs = list(self._requests.values())
@@ -268,11 +297,38 @@ class Engine:
         for r in reqs:
             self._finish_output(r, FinishReason.ABORT)
 
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> None:
+        """A step raised: end its requests with an error, and with them any request that shares
+        a block the step was writing (a prefix hit in the same step); those blocks leave the
+        prefix cache. The other requests go on at the next step."""
+        log.error("engine step failed; failing its %d request(s)", len(out.chunks), exc_info=exc)
+        bm = self.scheduler.block_manager
+        written = {slot // bm.block_size for c in out.chunks for slot in c.slots if slot >= 0}
+        written.update(dst for _, dst in out.copies)
+        with self._cond:
+            bm.invalidate(written)
+            victims = {c.seq_id for c in out.chunks}
+            for seq_id in self._requests:
+                if seq_id not in victims and seq_id in bm and not written.isdisjoint(bm.block_table(seq_id)):
+                    victims.add(seq_id)
+            failed = []
+            for seq_id in victims:
+                r = self._requests.pop(seq_id, None)
+                if r is None:
+                    continue  # finished within the step before it failed
+                self._ids.pop(r.request_id, None)
+                self.scheduler.abort(seq_id)  # blocks freed at the next boundary
+                failed.append(r)
+            self.last_progress = self.clock()
+        for r in failed:
+            self._finish_output(r, FinishReason.ABORT, error=f"engine step failed: {exc}")
+
     def _next_step(self) -> SchedulerOutput | None:
         """Under the lock: block until there is a step to run (None: shutting down)."""
         while not self._stopping:
             out = self.scheduler.schedule()
             self._release(out.aborted)
+            self._expire(out.expired)
             if not out.is_empty:
                 return out
             # idle, or the delay window holds requests back: sleep until woken or it ends
@@ -287,6 +343,18 @@ class Engine:
                 self._ids.pop(r.request_id, None)
                 # the sink runs on this thread under the lock: sinks must not block
                 self._finish_output(r, FinishReason.ABORT)
+
+    def _expire(self, expired: list[Sequence]) -> None:
+        timeout = self.scheduler.config.queue_timeout_s
+        for seq in expired:
+            self.runner.release(seq.seq_id)
+            r = self._requests.pop(seq.seq_id, None)
+            if r is not None:
+                self._ids.pop(r.request_id, None)
+                self._finish_output(
+                    r, FinishReason.ABORT, overloaded=True,
+                    error=f"the request waited over {timeout:g} s in the queue (limits.queue_timeout_s)",
+                )
 
     def _run_step(self, out: SchedulerOutput) -> None:
         t0 = time.perf_counter()
@@ -309,18 +377,20 @@ class Engine:
             )
             tokens = {r.seq.seq_id: t for (_, r), t in zip(live, result.token_ids)}
         emits: list[tuple[_Request, EngineOutput]] = []
-        with self._cond:
-            self.scheduler.on_step_done(out, tokens)
-            for j, (_, r) in enumerate(live):
-                if r.seq.is_finished:  # aborted while the model ran: its token was dropped
-                    continue
-                emit = self._process_token(r, tokens[r.seq.seq_id], result, j)
-                if emit is not None:
-                    emits.append((r, emit))
-            now = self.clock()
-            self.last_progress = now
-        for r, e in emits:
-            r.sink(e)
+        try:
+            with self._cond:
+                self.scheduler.on_step_done(out, tokens)
+                for j, (_, r) in enumerate(live):
+                    if r.seq.is_finished:  # aborted while the model ran: its token was dropped
+                        continue
+                    emit = self._process_token(r, tokens[r.seq.seq_id], result, j)
+                    if emit is not None:
+                        emits.append((r, emit))
+                now = self.clock()
+                self.last_progress = now
+        finally:  # a request finished above is gone from _requests: its output must go out
+            for r, e in emits:
+                r.sink(e)
         t2 = time.perf_counter()
         s = self.stats
         s.steps += 1
@@ -381,6 +451,7 @@ class Engine:
         logprobs: list[float] | None = None,
         top: list[list[tuple[int, float]]] | None = None,
         error: str | None = None,
+        overloaded: bool = False,
     ) -> EngineOutput:
         r.done = True
         seq = r.seq
@@ -398,10 +469,12 @@ class Engine:
         r.emitted = len(r.text)
         return EngineOutput(
             r.request_id, token_ids, text, True, reason.value, usage, timing, logprobs, top, error,
-            seq.num_cached_tokens,
+            seq.num_cached_tokens, overloaded,
         )
 
-    def _finish_output(self, r: _Request, reason: FinishReason, error: str | None = None) -> None:
+    def _finish_output(
+        self, r: _Request, reason: FinishReason, error: str | None = None, overloaded: bool = False
+    ) -> None:
         if r.done:
             return
-        r.sink(self._final(r, reason, [], error=error))
+        r.sink(self._final(r, reason, [], error=error, overloaded=overloaded))

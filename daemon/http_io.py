@@ -1,18 +1,24 @@
-"""Shared by the HTTP route modules: the app's typed state keys, bounded body reading, and
-request preparation off the event loop."""
+"""Shared by the HTTP route modules: the app's typed state keys, bounded body reading (size and
+time), writes that give up on a client that stops reading, and request preparation off the
+event loop."""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .protocol import GenerateRequest, ProtocolError
+from .protocol import GenerateRequest, ProtocolError, decode_json
 from .service import Prepared, ReloadResult, Service
 from .sockets import AllowList
+
+if TYPE_CHECKING:
+    from .engine import EngineOutput
+
+log = logging.getLogger("inflightd.server")
 
 SERVICE = web.AppKey("service", Service)
 ALLOW = web.AppKey("allow", AllowList)
@@ -20,26 +26,72 @@ ReloadFn = Callable[[], ReloadResult]
 RELOAD: web.AppKey[ReloadFn] = web.AppKey("reload")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing (413) beyond `limit` bytes whatever Content-Length says."""
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, refusing (413) beyond `limits.max_body_bytes` whatever Content-Length
+    says, and (408) when it has not all arrived within `limits.read_timeout_s`: a client that
+    trickles a body, or announces more than it sends, does not hold a connection for long."""
+    limits = request.app[SERVICE].config.limits
+    limit = limits.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ProtocolError(413, f"body of {request.content_length} bytes is over limits.max_body_bytes ({limit})",
                             "request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise ProtocolError(413, f"body is over limits.max_body_bytes ({limit})", "request_too_large")
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(413, f"body is over limits.max_body_bytes ({limit})", "request_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), limits.read_timeout_s)
+    except asyncio.TimeoutError:
+        raise ProtocolError(
+            408, f"the request body did not arrive within {limits.read_timeout_s:g} s (limits.read_timeout_s)",
+            "request_timeout",
+        ) from None
     return b"".join(chunks)
 
 
 async def read_json(request: web.Request) -> Any:
-    body = await read_body(request, request.app[SERVICE].config.limits.max_body_bytes)
+    return decode_json(await read_body(request))
+
+
+async def send(request: web.Request, resp: web.StreamResponse, data: bytes) -> bool:
+    """Write part of a streamed response. False when the client took none of it within
+    `limits.write_timeout_s`: the connection is then cut (its buffer would never drain) and the
+    caller ends the request, which frees its KV blocks."""
+    timeout = request.app[SERVICE].config.limits.write_timeout_s
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(400, f"the body is not valid JSON: {e}") from None
+        await asyncio.wait_for(resp.write(data), timeout)
+        return True
+    except asyncio.TimeoutError:
+        log.warning("client of %s read nothing for %g s (limits.write_timeout_s): dropped", request.path, timeout)
+        if request.transport is not None:
+            request.transport.abort()
+        return False
+
+
+async def finish(request: web.Request, resp: web.StreamResponse) -> None:
+    """End a streamed response, with the same patience for the client as `send`."""
+    timeout = request.app[SERVICE].config.limits.write_timeout_s
+    try:
+        await asyncio.wait_for(resp.write_eof(), timeout)
+    except asyncio.TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+
+
+def output_error(o: EngineOutput) -> ProtocolError:
+    """The error an engine output that ends a request with `error` stands for."""
+    assert o.error is not None
+    if o.overloaded:
+        err = ProtocolError(503, o.error, "server_overloaded")
+        err.headers["Retry-After"] = "1"
+        return err
+    return ProtocolError(500, o.error, "engine_error")
 
 
 async def prepare(service: Service, req: GenerateRequest) -> Prepared:

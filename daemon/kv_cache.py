@@ -28,7 +28,7 @@ another sequence (after `fork`), and the fresh block needs the shared block's K/
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -285,6 +285,21 @@ class BlockManager:
                     self._free_uncached.append(block_id)
         # A copy into a block that is free again would be wasted, or clobber its next owner.
         self._pending_copies = [c for c in self._pending_copies if c[1] not in released]
+
+    def invalidate(self, block_ids: Iterable[int]) -> None:
+        """Drop these blocks from the prefix cache: a step that should have written their K/V
+        failed, so a later hit must not read them. Sequences holding them keep them (the
+        caller ends those too); a free one becomes an ordinary free block."""
+        for block_id in block_ids:
+            block = self._blocks[block_id]
+            if block.key is None:
+                continue
+            if self._hash_to_block.get(block.key.hash) == block_id:
+                del self._hash_to_block[block.key.hash]
+            block.key = None
+            if block_id in self._free_cached:
+                del self._free_cached[block_id]
+                self._free_uncached.append(block_id)
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Return and forget the `(src_block, dst_block)` copies copy-on-write requires.

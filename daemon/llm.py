@@ -24,7 +24,7 @@ from .chat_template import ChatTemplate
 from .engine import Engine, EngineOutput
 from .kv_cache import BlockManager
 from .kv_storage import PagedKVCache, plan_num_blocks
-from .model_runner import ModelRunner, ReferenceRunner, measure_activation_peak
+from .model_runner import ModelRunner, ReferenceRunner, is_device_error, measure_activation_peak
 from .models.llama import LlamaModel
 from .models.loader import LoadStats, load_model, open_gguf
 from .sampling_params import SamplingParams
@@ -68,6 +68,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if cpu_has_bf16() else "float32"
+
+
+def warm_kernels(model: LlamaModel) -> None:
+    """Compile (or load from Numba's cache) every kernel the model's steps launch, on its own
+    device and dtype: the CUDA kernels for a GPU model (a float16 one has no CPU kernels)."""
+    numba_kernels.warmup(dtypes=(model.dtype,), device=str(model.device))
+    model.warm_decode_tokens()
 
 
 @dataclass
@@ -158,8 +165,7 @@ class LLM:
                 self.model, self.load_stats = load_model(path, dtype, device, gguf=gguf)
                 self.tokenizer = Tokenizer.from_gguf_reader(gguf)
                 del gguf  # releases the file mapping: the weights are copies
-            numba_kernels.warmup(dtypes=(self.model.dtype,))
-            self.model.warm_decode_tokens()
+            warm_kernels(self.model)
             return measure_activation_peak(self.model, max_num_batched_tokens, block_size)
 
         peak = run_on_own_thread(start_up)
@@ -190,7 +196,7 @@ class LLM:
                 kv_policy=kv_policy,
                 max_model_len=self.max_model_len,
             )
-        self.engine = Engine(runner, Scheduler(config, self.block_manager), self.tokenizer)
+        self.engine = Engine(runner, Scheduler(config, self.block_manager), self.tokenizer, is_fatal=is_device_error)
         self.engine.start()
         # Stop the engine thread when this object goes or the interpreter exits: a thread left
         # blocked inside the runtime during interpreter teardown sometimes ended the process with

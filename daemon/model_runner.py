@@ -21,6 +21,21 @@ from .sequence import SeqChunk
 
 log = logging.getLogger("inflightd.runner")
 
+# What a failed step says when the device itself is gone: a CUDA error poisons the context for
+# every later call, so the daemon must exit and let systemd restart it. Anything else fails only
+# the step's requests (Engine `is_fatal`).
+_DEVICE_ERROR_TYPES = frozenset({"AcceleratorError", "CudaAPIError", "CudaDriverError", "CudaSupportError"})
+_DEVICE_ERROR_TEXT = ("CUDA error", "CUDA driver", "CUDA_ERROR", "CUBLAS_STATUS", "cuDNN error",
+                      "illegal memory access", "device-side assert", "NCCL error")
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """Whether a step's exception means the device (not the request) is broken."""
+    if any(t.__name__ in _DEVICE_ERROR_TYPES for t in type(exc).__mro__):
+        return True
+    text = str(exc)
+    return any(marker in text for marker in _DEVICE_ERROR_TEXT)
+
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: PagedKVCache) -> None:

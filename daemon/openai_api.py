@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import protocol as P
 from .engine import EngineOutput
-from .http_io import SERVICE, prepare, read_json
+from .http_io import SERVICE, finish, output_error, prepare, read_json, send
 from .protocol import GenerateRequest, ProtocolError
 
 if TYPE_CHECKING:
@@ -112,11 +112,15 @@ async def _run(request: web.Request, req: GenerateRequest, chat: bool) -> web.St
     lp = _Logprobs(service, req.top_logprobs)
     stream = service.submit(p)
     async with stream:
+        # The status line waits for the first output (see server.generate).
+        o = await anext(stream)
+        if o.finished and o.error:
+            raise output_error(o)
         if not req.stream:
             text: list[str] = []
             acc: dict[str, Any] | None = None
             offset = 0
-            async for o in stream:
+            while True:
                 text.append(o.text)
                 if chat:
                     acc = _merge_chat_logprobs(acc, lp.chat(o))
@@ -124,23 +128,24 @@ async def _run(request: web.Request, req: GenerateRequest, chat: bool) -> web.St
                     acc = _merge_completion_logprobs(acc, lp.completion(o, offset))
                 offset += len(o.text)
                 if o.finished:
-                    if o.error:
-                        raise ProtocolError(500, o.error, "engine_error")
-                    build = P.chat_completion if chat else P.completion
-                    return web.json_response(build(rid, model, "".join(text), o.finish_reason, _usage(o), acc,
-                                                   p.created))
-            raise AssertionError("stream ended without a final output")
+                    break
+                o = await anext(stream)
+            if o.error:
+                raise ProtocolError(500, o.error, "engine_error")
+            build = P.chat_completion if chat else P.completion
+            return web.json_response(build(rid, model, "".join(text), o.finish_reason, _usage(o), acc, p.created))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         inc = req.include_usage
+        out: list[bytes] = []
         if chat:  # OpenAI's first chunk carries the role
-            await resp.write(_sse(P.chat_chunk(rid, model, p.created, {"role": "assistant", "content": ""},
-                                               include_usage=inc)))
+            out.append(_sse(P.chat_chunk(rid, model, p.created, {"role": "assistant", "content": ""},
+                                         include_usage=inc)))
         offset = 0
         try:
-            async for o in stream:
+            while True:
                 if o.error:
-                    await resp.write(_sse(P.error_body("engine_error", o.error)))
+                    out.append(_sse(P.error_body("engine_error", o.error)))
                     break
                 if o.text or o.token_ids or o.finished:
                     reason = o.finish_reason if o.finished else None
@@ -150,13 +155,20 @@ async def _run(request: web.Request, req: GenerateRequest, chat: bool) -> web.St
                     else:
                         chunk = P.completion_chunk(rid, model, p.created, o.text, reason, lp.completion(o, offset), inc)
                     offset += len(o.text)
-                    await resp.write(_sse(chunk))
+                    out.append(_sse(chunk))
                 if o.finished and inc:
-                    await resp.write(_sse(P.usage_chunk(rid, model, p.created, _usage(o), chat)))
+                    out.append(_sse(P.usage_chunk(rid, model, p.created, _usage(o), chat)))
+                if o.finished:
+                    break
+                if not await send(request, resp, b"".join(out)):
+                    return resp  # the client stopped reading: dropped (leaving `with` aborts)
+                out = []
+                o = await anext(stream)
         except ProtocolError as e:  # timed out mid-stream: the status line is gone
-            await resp.write(_sse(P.error_body(e.type, e.message)))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+            out.append(_sse(P.error_body(e.type, e.message)))
+        out.append(b"data: [DONE]\n\n")
+        if await send(request, resp, b"".join(out)):
+            await finish(request, resp)
         return resp
 
 

@@ -12,14 +12,31 @@ silently dropped, since the answer would not be what the client asked for.
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
+from .checks import is_finite_number, is_int
+from .sampling_params import SEED_MAX, SEED_MIN
+
 NATIVE_STREAM_TYPE = "application/vnd.inflightd.stream+msgpack"
 MSGPACK_TYPE = "application/msgpack"
+# What /v1/generate accepts as its body's Content-Type (anything else: 415).
+MSGPACK_TYPES = frozenset({MSGPACK_TYPE, "application/x-msgpack", "application/vnd.msgpack"})
+# Deepest nesting of a request body. An OpenAI chat body is 5 levels deep (body, messages, a
+# message, content parts, a part); JSON schemas for structured output go deeper, rarely past 20.
+# Bounded so that nothing that walks a body recursively (repr, a template) can overflow the stack.
+MAX_DEPTH = 64
+MAX_STOP = 16  # stop strings per request: each is searched for after every token
+# Integers in a body beyond this magnitude are refused by name, whatever the field.
+_INT_LIMIT = 1 << 63
+# OpenAI's roles that a chat template renders. "developer" is OpenAI's newer name for the
+# system message and is rendered as one.
+ROLES = frozenset({"system", "developer", "user", "assistant"})
 
 
 class ProtocolError(Exception):
@@ -60,15 +77,57 @@ class GenerateRequest:
     top_logprobs: int = 0  # OpenAI chat: how many alternatives per token when logprobs is on
 
 
+# ---------------------------------------------------------------------------------- bodies
+
+
+def check_depth(obj: object, limit: int = MAX_DEPTH) -> None:
+    """Refuse a decoded body nested deeper than `limit` (iterative: no recursion to overflow)."""
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        if isinstance(o, Mapping):
+            children: Any = [*o.keys(), *o.values()]
+        elif isinstance(o, (list, tuple)):
+            children = o
+        else:
+            continue
+        if depth > limit:
+            raise ProtocolError(400, f"the body is nested more than {limit} levels deep")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (Mapping, list, tuple)))
+
+
+def decode_json(body: bytes) -> Any:
+    """A JSON body, or ProtocolError(400) saying what is wrong with it."""
+    try:
+        obj = json.loads(body)
+    except RecursionError:
+        raise ProtocolError(400, f"the body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of over 4300 digits
+        raise ProtocolError(400, f"the body is not valid JSON: {str(e).split(';')[0]}") from None
+    check_depth(obj)
+    return obj
+
+
+def decode_msgpack(body: bytes) -> Any:
+    """A msgpack body (exactly one object), or ProtocolError(400) saying what is wrong."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except msgpack.StackError:
+        raise ProtocolError(400, f"the body is nested more than {MAX_DEPTH} levels deep") from None
+    except msgpack.ExtraData:
+        raise ProtocolError(400, "the body holds more than one msgpack object") from None
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        reason = str(e) or type(e).__name__
+        raise ProtocolError(400, f"the body is not one valid msgpack map: {reason}") from None
+    check_depth(obj)
+    return obj
+
+
 # ---------------------------------------------------------------------------------- checks
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return is_int(v) and -_INT_LIMIT <= v < _INT_LIMIT
 
 
 def _bad(key: str, why: str, value: object) -> ProtocolError:
@@ -79,13 +138,16 @@ def _bad(key: str, why: str, value: object) -> ProtocolError:
 
 
 def _int(obj: Mapping[str, Any], key: str, *, low: int | None = None, high: int | None = None) -> int | None:
+    """An optional integer field; without bounds of its own it must fit in 64 bits."""
     v = obj.get(key)
     if v is None:
         return None
-    if not _is_int(v):
+    if not is_int(v):
         raise _bad(key, "must be an integer", v)
-    if (low is not None and v < low) or (high is not None and v > high):
-        bounds = f"≥ {low}" if high is None else f"in [{low}, {high}]"
+    lo = -_INT_LIMIT if low is None else low
+    hi = _INT_LIMIT - 1 if high is None else high
+    if not lo <= v <= hi:
+        bounds = f"≥ {lo}" if v < lo and high is None else f"in [{lo}, {hi}]"
         raise _bad(key, f"must be {bounds}", v)
     return int(v)
 
@@ -94,8 +156,8 @@ def _num(obj: Mapping[str, Any], key: str) -> float | None:
     v = obj.get(key)
     if v is None:
         return None
-    if not _is_num(v):
-        raise _bad(key, "must be a number", v)
+    if not is_finite_number(v):
+        raise _bad(key, "must be a finite number", v)
     return float(v)
 
 
@@ -116,6 +178,8 @@ def _stop(obj: Mapping[str, Any], key: str = "stop", *, allow_str: bool = True) 
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) and s for s in v):
         raise _bad(key, "must be a list of non-empty strings" + (" or one string" if allow_str else ""), v)
+    if len(v) > MAX_STOP:
+        raise ProtocolError(400, f"{key}: at most {MAX_STOP} stop sequences (got {len(v)})", param=key)
     return tuple(v)
 
 
@@ -134,8 +198,12 @@ def _messages(v: object, key: str = "messages") -> list[dict[str, Any]]:
         if not isinstance(m, Mapping):
             raise _bad(where, "must be a map with role and content", m)
         role = m.get("role")
-        if not isinstance(role, str) or not role:
-            raise _bad(f"{where}.role", "must be a non-empty string", role)
+        if role in ("tool", "function") or m.get("tool_calls"):
+            raise ProtocolError(400, f"{where}: tool calls are not supported", param=where)
+        if role not in ROLES:
+            raise _bad(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}", role)
+        if role == "developer":
+            role = "system"
         content = m.get("content")
         if isinstance(content, list):  # OpenAI's content parts: text only
             texts = []
@@ -152,8 +220,6 @@ def _messages(v: object, key: str = "messages") -> list[dict[str, Any]]:
             content = ""
         if not isinstance(content, str):
             raise _bad(f"{where}.content", "must be a string or a list of text parts", content)
-        if m.get("tool_calls") or role in ("tool", "function"):
-            raise ProtocolError(400, f"{where}: tool calls are not supported", param=where)
         entry: dict[str, Any] = {"role": role, "content": content}
         if isinstance(m.get("name"), str):
             entry["name"] = m["name"]
@@ -170,7 +236,7 @@ def _common_sampling(obj: Mapping[str, Any], out: dict[str, Any]) -> None:
     top_k = _int(obj, "top_k", low=-1)
     if top_k is not None:
         out["top_k"] = max(top_k, 0)  # vLLM's -1 means off, as our 0 does
-    seed = _int(obj, "seed")
+    seed = _int(obj, "seed", low=SEED_MIN, high=SEED_MAX)
     if seed is not None:
         out["seed"] = seed
     ignore_eos = _bool(obj, "ignore_eos")
@@ -269,8 +335,6 @@ def _openai_common(obj: Mapping[str, Any], req: GenerateRequest) -> None:
     _common_sampling(obj, req.sampling)
     stop = _stop(obj)
     if stop is not None:
-        if len(stop) > 16:
-            raise _bad("stop", "at most 16 stop sequences", list(stop))
         req.sampling["stop"] = stop
     bias = obj.get("logit_bias")
     if bias is not None:

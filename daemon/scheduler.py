@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from .checks import is_finite_number
 from .kv_cache import BlockManager
 from .sequence import FinishReason, SeqChunk, Sequence, SequenceStatus
 
@@ -62,6 +62,9 @@ class SchedulerConfig:
       what every running sequence may still claim, so it never preempts.
     - `max_queue_delay_ms`: when nothing runs, how long a new request may wait for companions
       so that their prefills batch together (Triton's dynamic batcher). 0 admits at once.
+    - `queue_timeout_s`: a request still waiting for its first admission after this long is
+      taken out of the queue and reported in `SchedulerOutput.expired` (Triton's queue policy
+      with REJECT; the server answers 503). A preempted sequence never expires. 0 = no limit.
     """
 
     max_num_seqs: int = 64
@@ -72,17 +75,17 @@ class SchedulerConfig:
     policy: OrderPolicy = "fcfs"
     kv_policy: KVPolicy = "recompute"
     max_model_len: int = 8192
+    queue_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
-        delay = self.max_queue_delay_ms
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not (
-            math.isfinite(delay) and delay >= 0
-        ):
-            raise ValueError(f"max_queue_delay_ms must be a finite number ≥ 0, got {delay!r}")
+        for name in ("max_queue_delay_ms", "queue_timeout_s"):
+            value = getattr(self, name)
+            if not is_finite_number(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
         if not isinstance(self.chunked_prefill, bool):
             raise ValueError(f"chunked_prefill must be true or false, got {self.chunked_prefill!r}")
         if self.policy not in ("fcfs", "priority"):
@@ -137,6 +140,8 @@ class SchedulerOutput:
     - `wait_s`: set only when no chunk can run now but a request held by the delay window
       becomes admissible after that many seconds; the engine waits that long (or until a new
       request or an abort wakes it) and calls `schedule()` again. None with chunks, or idle.
+    - `expired`: sequences taken out of the waiting queue at this boundary because they waited
+      longer than `queue_timeout_s` without being admitted (FINISHED, holding no blocks).
     """
 
     chunks: list[SeqChunk]
@@ -145,6 +150,7 @@ class SchedulerOutput:
     aborted: list[Sequence]
     num_batched_tokens: int
     wait_s: float | None = None
+    expired: list[Sequence] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -162,6 +168,7 @@ class SchedulerStats:
     num_aborted: int = 0  # abort() calls that found the sequence
     num_rejected_queue_full: int = 0
     num_rejected_too_long: int = 0
+    num_expired: int = 0  # taken out of the queue after queue_timeout_s
 
 
 class Scheduler:
@@ -319,6 +326,7 @@ class Scheduler:
         if self._next_config is not None:
             self._apply_config(self._next_config)
         aborted, self._aborted = self._aborted, []
+        expired = self._expire()
         chunks: list[SeqChunk] = []
         preempted: list[Sequence] = []
         idle = not self._running
@@ -339,6 +347,7 @@ class Scheduler:
             aborted=aborted,
             num_batched_tokens=self._config.max_num_batched_tokens - budget,
             wait_s=None if chunks else wait_s,
+            expired=expired,
         )
         if chunks:
             self._in_flight = out
@@ -397,6 +406,21 @@ class Scheduler:
         del self._seqs[sid], self._arrival[sid], self._enqueued_at[sid]
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    def _expire(self) -> list[Sequence]:
+        """Take out the never-admitted sequences that waited past `queue_timeout_s`."""
+        timeout = self._config.queue_timeout_s
+        if timeout <= 0 or not self._waiting:
+            return []
+        deadline = self.clock() - timeout
+        expired = [
+            s for s in self._waiting
+            if s.first_scheduled_time is None and self._enqueued_at[s.seq_id] <= deadline + _CLOCK_EPS
+        ]
+        for seq in expired:
+            self._remove(seq, FinishReason.ABORT)
+        self._stats.num_expired += len(expired)
+        return expired
 
     def _end_step(self) -> None:
         self._in_flight = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -28,7 +29,7 @@ from aiohttp import web
 
 from . import systemd
 from .config import Config, ConfigError, default_socket_path, load_config, parse_tcp
-from .server import build_app
+from .server import build_app, limit_connections
 from .service import ReloadResult, Service
 from .sockets import AllowList, SocketInUseError, bind_tcp, bind_unix, file_identity, unlink_if_ours
 
@@ -123,9 +124,13 @@ class Daemon:
         c = service.config
         allow = AllowList.build(self.listeners.path, c.listen.allow_uids, c.listen.allow_groups)
         app = build_app(service, allow, self.reload)
+        # keepalive_timeout also bounds how long a connection may take to send a request's head
+        # (aiohttp arms it at connect): idle and slowloris connections close after it.
         runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=5.0)
+                               shutdown_timeout=5.0, keepalive_timeout=c.limits.keepalive_timeout_s)
         await runner.setup()
+        assert runner.server is not None
+        limit_connections(runner.server, lambda: service.config.limits.max_connections)
         sites = [web.SockSite(runner, s) for s in self.listeners.all]
         for site in sites:
             await site.start()
@@ -193,6 +198,17 @@ class Daemon:
         return 0
 
 
+def _raise_fd_limit(max_connections: int) -> None:
+    """Each connection is a file descriptor: lift the soft limit (often 1024) towards the hard
+    one so that limits.max_connections, not EMFILE, is what refuses a connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + 256  # model files, the notify socket, Numba's cache, logs
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
 def main(config_path: str | None, socket_path: str | None, model: str | None, device: str | None,
          dtype: str | None = None) -> int:
     if config_path is not None:
@@ -203,6 +219,7 @@ def main(config_path: str | None, socket_path: str | None, model: str | None, de
         print(f"inflightd serve: {e}", file=sys.stderr)
         return 2
     logging.getLogger("inflightd").setLevel(config.log.level.upper())
+    _raise_fd_limit(config.limits.max_connections)
     notifier = systemd.Notifier()
     try:
         listeners = open_listeners(config, socket_path)

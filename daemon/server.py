@@ -11,6 +11,7 @@ event: the status line is gone.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,12 +20,14 @@ import msgpack
 from aiohttp import web
 
 from . import openai_api
-from .http_io import ALLOW, RELOAD, SERVICE, prepare, read_body, read_json
+from .http_io import ALLOW, RELOAD, SERVICE, finish, output_error, prepare, read_body, read_json, send
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .protocol import (
     MSGPACK_TYPE,
+    MSGPACK_TYPES,
     NATIVE_STREAM_TYPE,
     ProtocolError,
+    decode_msgpack,
     error_body,
     native_delta,
     native_end,
@@ -53,7 +56,11 @@ def _error_response(request: web.Request, status: int, type: str, message: str, 
 
 
 _HTTP_TYPES = {400: "invalid_request_error", 403: "permission_denied", 404: "not_found", 405: "method_not_allowed",
-               413: "request_too_large", 503: "service_unavailable"}
+               408: "request_timeout", 413: "request_too_large", 415: "unsupported_media_type",
+               503: "service_unavailable"}
+# Refused before the body was read to its end: what is left of it must not be read (a trickled
+# or endless body would hold the connection), so the connection closes after the answer.
+_CLOSE_AFTER = frozenset({408, 413})
 
 
 @web.middleware
@@ -73,53 +80,61 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ProtocolError as e:
-        return _error_response(request, e.status, e.type, e.message, headers=e.headers or None)
+        resp = _error_response(request, e.status, e.type, e.message, headers=e.headers or None)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         message = e.text if e.status == 413 else f"{e.reason}: {request.method} {request.path}"
-        return _error_response(request, e.status, _HTTP_TYPES.get(e.status, "error"), message or e.reason,
+        resp = _error_response(request, e.status, _HTTP_TYPES.get(e.status, "error"), message or e.reason,
                                headers={k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")})
+    if resp.status in _CLOSE_AFTER:
+        resp.force_close()
+    return resp
 
 
 # --------------------------------------------------------------------------------- native
 async def generate(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
-    body = await read_body(request, service.config.limits.max_body_bytes)
-    try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except Exception as e:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(400, f"the body is not one valid msgpack map: {e}") from None
-    req = parse_native(obj)
+    ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if ctype not in MSGPACK_TYPES:
+        raise ProtocolError(415, f"the body must be msgpack (Content-Type: {MSGPACK_TYPE}), got "
+                            f"{ctype or 'no Content-Type'}", "unsupported_media_type")
+    req = parse_native(decode_msgpack(await read_body(request)))
     p = await prepare(service, req)
     stream = service.submit(p)
     async with stream:
+        # The status line waits for the first output: a request refused in the queue (or one
+        # that times out there) still gets its own status, not a 200 with an error frame.
+        o = await anext(stream)
+        if o.finished and o.error:
+            raise output_error(o)
         if not req.stream:
-            text, ids = [], []
-            async for o in stream:
+            text, ids = [o.text], list(o.token_ids)
+            while not o.finished:
+                o = await anext(stream)
                 text.append(o.text)
                 ids += o.token_ids
-                if o.finished:
-                    return web.Response(body=msgpack.packb(_native_whole(p, o, "".join(text), ids)),
-                                        content_type=MSGPACK_TYPE, status=500 if o.error else 200)
-            raise AssertionError("stream ended without a final output")
+            return web.Response(body=msgpack.packb(_native_whole(p, o, "".join(text), ids)),
+                                content_type=MSGPACK_TYPE, status=500 if o.error else 200)
         resp = web.StreamResponse(headers={"Content-Type": NATIVE_STREAM_TYPE, "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        started = False
+        frames = [native_start(p.request_id, len(p.prompt_ids), o.cached_tokens)]
         try:
-            async for o in stream:
-                frames = []
-                if not started:
-                    frames.append(native_start(p.request_id, len(p.prompt_ids), o.cached_tokens))
-                    started = True
+            while True:
                 if o.token_ids or o.text:
                     frames.append(native_delta(o.text, o.token_ids, o.logprobs))
                 if o.finished:
                     frames.append(_native_final(o))
-                await resp.write(b"".join(msgpack.packb(f) for f in frames))
+                if not await send(request, resp, b"".join(msgpack.packb(f) for f in frames)):
+                    return resp  # the client stopped reading: dropped (leaving `with` aborts)
+                if o.finished:
+                    break
+                frames = []
+                o = await anext(stream)
         except ProtocolError as e:  # e.g. the request timed out mid-stream
-            await resp.write(msgpack.packb(native_error(e.status, e.message)))
-        await resp.write_eof()
+            if not await send(request, resp, msgpack.packb(native_error(e.status, e.message))):
+                return resp
+        await finish(request, resp)
         return resp
 
 
@@ -193,6 +208,32 @@ async def detokenize(request: web.Request) -> web.Response:
         raise ProtocolError(400, f"tokens: ids {bad[:5]} are outside the vocabulary (size {tok.vocab_size})",
                             param="tokens")
     return web.json_response({"text": tok.decode(tokens)})
+
+
+def _too_many_connections() -> bytes:
+    body = json.dumps(error_body("server_overloaded", "too many open connections (limits.max_connections)")).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+def limit_connections(server: web.Server, limit: Callable[[], int]) -> None:
+    """Refuse connections beyond `limit()` (read live: limits.max_connections reloads) with a
+    503 and close them at once, before they can send anything: every open connection holds a
+    file descriptor and a handler task, idle or not. aiohttp has no such cap; its Server tells
+    us of each connection through `connection_made`, which is wrapped here."""
+    made = server.connection_made
+    refusal = _too_many_connections()
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        made(handler, transport)
+        if len(server.connections) > limit():
+            log.warning("refused a connection: %d open (limits.max_connections = %d)",
+                        len(server.connections) - 1, limit())
+            transport.write(refusal)
+            transport.close()
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
 
 
 def build_app(service: Service, allow: AllowList, reload_fn: Callable[[], ReloadResult]) -> web.Application:

@@ -75,6 +75,7 @@ def scheduler_config(c: Config, max_model_len: int | None = None) -> SchedulerCo
         policy=s.policy,
         kv_policy=s.kv_policy,
         max_model_len=min(c.limits.max_model_len, max_model_len or c.limits.max_model_len),
+        queue_timeout_s=c.limits.queue_timeout_s,
     )
 
 
@@ -87,10 +88,10 @@ class Service:
     def __init__(
         self, config: Config, *, model: str | None = None, device: str | None = None, dtype: str | None = None
     ) -> None:
-        m = config.model  # command-line overrides of the file's model section
-        config = replace(config, model=replace(
-            m, path=model or m.path, device=device or m.device, dtype=dtype or m.dtype  # type: ignore[arg-type]
-        ))
+        # Command-line overrides of the file's model section, applied again to every reloaded
+        # file: the running model must not show as "changed, restart required".
+        self._overrides = {k: v for k, v in (("path", model), ("device", device), ("dtype", dtype)) if v}
+        config = self._with_overrides(config)
         self.config = config
         self.config_path = config.source
         self.state: State = "loading"
@@ -106,6 +107,9 @@ class Service:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.streams: dict[str, RequestStream] = {}  # in flight, for drain
         self._drained: asyncio.Event | None = None
+
+    def _with_overrides(self, config: Config) -> Config:
+        return replace(config, model=replace(config.model, **self._overrides)) if self._overrides else config  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------ loading
     def load(self) -> None:
@@ -146,16 +150,25 @@ class Service:
         if self.config_path is None:
             result = ReloadResult(False, now, None, "no config file was given (--config): nothing to reload")
         else:
+            # One transaction: everything that can fail is computed from the new file first;
+            # only then is anything applied.
             try:
-                new = load_config(self.config_path)
-            except ConfigError as e:
+                new = self._with_overrides(load_config(self.config_path))
+                merged = self.config.with_live_from(new)
+                sched = None
+                if self.llm is not None:
+                    sched = scheduler_config(merged, self.llm.model.config.max_position)
+            except (ConfigError, ValueError) as e:
                 result = ReloadResult(False, now, self.config_path, str(e))
+            except Exception as e:  # a bug, not the file: still nothing applied, and reported
+                log.exception("reload failed")
+                result = ReloadResult(False, now, self.config_path, f"internal error: {e!r}")
             else:
                 live, restart = self.config.diff(new)
-                self.config = self.config.with_live_from(new)
-                if self.llm is not None:
-                    self.engine.update_config(scheduler_config(self.config, self.llm.model.config.max_position))
-                logging.getLogger("inflightd").setLevel(self.config.log.level.upper())
+                self.config = merged
+                if sched is not None:
+                    self.engine.update_config(sched)
+                logging.getLogger("inflightd").setLevel(merged.log.level.upper())
                 result = ReloadResult(True, now, self.config_path, None, tuple(live), tuple(restart))
         self.last_reload = result
         if result.ok:
@@ -199,7 +212,7 @@ class Service:
             max_tokens = min(self.config.limits.default_max_tokens, limit - len(ids))
         try:
             params = SamplingParams(max_tokens=max_tokens, **req.sampling)
-            params.check_vocab(tok.vocab_size)
+            params.check_vocab(tok.vocab_size)  # add_request checks again; this names the field early
         except SamplingParamsError as e:
             raise ProtocolError(400, str(e), param=str(e).split(":", 1)[0]) from None
         except TypeError as e:  # a key SamplingParams does not take: a bug in protocol.py
@@ -224,6 +237,9 @@ class Service:
         except RequestTooLongError as e:
             self.metrics.rejected.labels("400").inc()
             raise ProtocolError(400, str(e), param="max_tokens") from None
+        except SamplingParamsError as e:
+            self.metrics.rejected.labels("400").inc()
+            raise ProtocolError(400, str(e), param=str(e).split(":", 1)[0]) from None
         except ValueError as e:
             self.metrics.rejected.labels("400").inc()
             raise ProtocolError(400, str(e)) from None
@@ -335,63 +351,102 @@ class Service:
         )
 
 
+# Outputs a stream may hold that its handler has not taken (it is stuck writing to a client that
+# does not read). Beyond it the request is aborted: a stalled client must not pin KV blocks and
+# memory until max_tokens. limits.write_timeout_s usually drops such a client first.
+MAX_BACKLOG = 4096
+
+
 class RequestStream:
     """One request's outputs, in order, the last with `finished`. `async for` it; `aclose()`
-    (or leaving an `async with`) before the end aborts the request in the engine."""
+    (or leaving an `async with`) before the end aborts the request in the engine.
+
+    The server may drop a stream on its own: at `limits.request_timeout_s` (504), or when its
+    backlog passes MAX_BACKLOG (503). The request is then aborted in the engine at once,
+    whatever its handler is doing (a handler blocked writing to a client that stopped reading
+    cannot be relied on to notice), and the handler's next read raises the error."""
 
     def __init__(self, service: Service, p: Prepared, loop: asyncio.AbstractEventLoop) -> None:
         self._service = service
         self._p = p
         self._loop = loop
-        # None in the queue: limits.request_timeout_s has passed. One timer per request (armed
-        # once the engine took it), not a timeout per awaited token.
+        # None wakes a reader after a drop. One timer per request (armed once the engine took
+        # it), not a timeout per awaited token.
         self._queue: asyncio.Queue[EngineOutput | None] = asyncio.Queue()
         self._timer: asyncio.TimerHandle | None = None
-        self.finished = False
+        self._error: ProtocolError | None = None  # why the server dropped it, until raised
+        self.finished = False  # the terminal output was taken, or the request was aborted
         self.completion_tokens = 0
 
     def arm_timeout(self, seconds: float) -> None:
-        self._timer = self._loop.call_later(seconds, self._queue.put_nowait, None)
+        self._timer = self._loop.call_later(
+            seconds, self._drop, ProtocolError(
+                504, f"request timed out after {seconds:g} s (limits.request_timeout_s)", "timeout"
+            ),
+        )
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
 
     def sink(self, o: EngineOutput) -> None:  # on the engine thread; must not block
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, o)
+        self._loop.call_soon_threadsafe(self._put, o)
+
+    def _put(self, o: EngineOutput) -> None:
+        if self.finished:
+            return  # aborted here: the engine's own terminal output goes unread
+        self._queue.put_nowait(o)
+        if self._queue.qsize() > MAX_BACKLOG:
+            self._drop(ProtocolError(
+                503, f"the client took no output while {MAX_BACKLOG} outputs waited: request aborted",
+                "client_too_slow",
+            ))
+
+    def _drop(self, error: ProtocolError) -> None:
+        if self.finished:
+            return
+        log.warning("request %s dropped: %s", self._p.request_id, error.message)
+        self._abort()
+        self._error = error
+        self._queue.put_nowait(None)
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> EngineOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        o = await self._queue.get()
-        if o is None:
-            await self.aclose()
-            timeout = self._service.config.limits.request_timeout_s
-            raise ProtocolError(
-                504, f"request timed out after {timeout:g} s (limits.request_timeout_s)", "timeout"
-            ) from None
+        o = None
+        if self._error is None:
+            if self.finished:
+                raise StopAsyncIteration
+            o = await self._queue.get()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        assert o is not None
         if o.token_ids:
             self.completion_tokens += len(o.token_ids)
             self._service._count(len(o.token_ids))
         if o.finished:
             self.finished = True
             self._disarm()
-            self._service._observe(o, self._p)
+            if o.overloaded:
+                self._service.metrics.rejected.labels("503").inc()
+            else:
+                self._service._observe(o, self._p)
             self._service._stream_done(self._p.request_id)
         return o
 
+    def _abort(self) -> None:
+        # The engine's own terminal output will go unread, so the abort is counted here.
+        self.finished = True
+        self._disarm()
+        self._service.engine.abort(self._p.request_id)
+        self._service._stream_done(self._p.request_id)
+        self._service.metrics.observe_abort(len(self._p.prompt_ids), self.completion_tokens)
+
     async def aclose(self) -> None:
-        if not self.finished:
-            # The client left (or timed out): the engine's own terminal output will go unread,
-            # so the abort is counted here.
-            self.finished = True
-            self._disarm()
-            self._service.engine.abort(self._p.request_id)
-            self._service._stream_done(self._p.request_id)
-            self._service.metrics.observe_abort(len(self._p.prompt_ids), self.completion_tokens)
+        if not self.finished:  # the client left, or the handler gave up on it
+            self._abort()
 
     async def __aenter__(self) -> RequestStream:
         return self

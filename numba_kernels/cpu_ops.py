@@ -20,7 +20,6 @@ import numpy as np
 from numba import njit
 
 
-
 @njit(cache=True)  # no fastmath: the sum's order is written out below, not left to the compiler
 def _rms_norm(x, w, eps, out):
     """out[t] = w * (x[t] / sqrt(mean(x[t]^2) + eps)); x, out [T, H] float32, w [H] float32.

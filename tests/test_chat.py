@@ -60,7 +60,7 @@ def _command(child: pexpect.spawn, line: str) -> str:
 def test_chat_streams_cancels_and_follows_up(chat: pexpect.spawn, daemon: Daemon, tmp_path: Path) -> None:
     assert "SmolLM2-135M-Instruct" in str(chat.before)
     assert _command(chat, "/set max_tokens 24") == "max_tokens = 24\n"
-    assert "error: temperature: must be a number ≥ 0" in _command(chat, "/set temperature -1")
+    assert "error: temperature: must be a number in [0, 100]" in _command(chat, "/set temperature -1")
     assert "error: top_k: must be an integer (got 'many')" in _command(chat, "/set top_k many")
     assert "temperature=0.0" in _command(chat, "/set")
 

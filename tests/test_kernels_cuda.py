@@ -126,6 +126,28 @@ def _bf16_rounding_case() -> tuple[float, str]:
     return (0.0 if ok else 1.0), "bits"
 
 
+def _llm_warmup_case() -> tuple[float, str]:
+    """The daemon's start-up warms the kernels of the model's device: for a float16 CUDA model
+    that is every CUDA kernel in float16 (it used to warm the CPU kernels, which have no
+    float16, and failed start-up)."""
+    import torch
+
+    from inflightd.llm import warm_kernels
+    from numba_kernels import cuda as kc
+    from numba_kernels.cuda_kernels import KERNELS
+
+    class GpuModel:  # what warm_kernels reads of a LlamaModel loaded on a GPU
+        dtype = torch.float16
+        device = torch.device("cuda")
+
+        def warm_decode_tokens(self) -> None:  # LlamaModel's is a no-op off the CPU
+            pass
+
+    warm_kernels(GpuModel())  # type: ignore[arg-type]
+    missing = [k for k in KERNELS if (k, "float16") not in kc._dispatchers]
+    return float(len(missing)), f"missing {missing}"
+
+
 F32 = 1e-5
 # name -> (thunk, tolerance on the relative error)
 CASES: dict[str, tuple[Callable[[], tuple[float, str]], float]] = {
@@ -135,6 +157,7 @@ CASES: dict[str, tuple[Callable[[], tuple[float, str]], float]] = {
     "copy_blocks_float32": (lambda: _copy_case("float32"), 0.0),
     "copy_blocks_bfloat16": (lambda: _copy_case("bfloat16"), 0.0),
     "bf16_round_trip": (_bf16_rounding_case, 0.0),
+    "llm_warmup_float16_cuda": (_llm_warmup_case, 0.0),
     # MHA; contexts odd, exactly one block, one past a block boundary; v1 (one partition)
     "decode_mha_block_edges_v1": (lambda: _attention_case(
         [1, 1, 1, 1], [7, 8, 9, 17], heads=2, kv_heads=2, head_dim=16, block_size=8), F32),

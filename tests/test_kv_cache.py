@@ -120,6 +120,24 @@ def test_prefix_hit_on_identical_prompt() -> None:
     assert bm.prefix_hit_rate == pytest.approx(0.4)
 
 
+def test_invalidate_drops_blocks_from_the_prefix_cache() -> None:
+    """What a failed step does to the blocks it was writing: no later prompt hits them, the free
+    ones become ordinary free blocks, and a block held by a sequence stays in its table."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    prompt = list(range(10))
+    admit(bm, 1, prompt)
+    table = bm.block_table(1)
+    bm.invalidate(table[:1])  # held: leaves the cache, stays with sequence 1
+    bm.integrity_check()
+    assert bm.block_table(1) == table
+    bm.free(1)
+    bm.invalidate(table[1:])  # free and cached: becomes uncached
+    bm.integrity_check()
+    assert admit(bm, 2, prompt) == 0
+    bm.invalidate([0, 1, 2, 3])  # blocks without a hash, or unknown to the cache: no-op
+    bm.integrity_check()
+
+
 def test_partial_prefix_hit() -> None:
     bm = BlockManager(num_blocks=8, block_size=4)
     admit(bm, 1, [1, 2, 3, 4, 5, 6, 7, 8, 9])

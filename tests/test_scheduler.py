@@ -416,6 +416,47 @@ def test_abort_waiting() -> None:
     assert not sched.has_unfinished() and bm.num_free_blocks == bm.num_blocks
 
 
+def test_queue_timeout_expires_only_never_admitted_sequences() -> None:
+    """Triton's queue policy with REJECT: a sequence that waited past queue_timeout_s without
+    being admitted leaves the queue (reported in `expired`, FINISHED, no blocks); a preempted
+    one, requeued after its admission, is never expired; the others run to the end."""
+    clock = FakeClock()
+    sched, bm, model = make(num_blocks=3, block_size=4, clock=clock, max_num_seqs=2, max_num_batched_tokens=8,
+                            queue_timeout_s=5.0)
+    a, b = make_seq(1, 4, max_tokens=5), make_seq(2, 3, max_tokens=5)
+    late = make_seq(3, 4, max_tokens=2)
+    sched.add(a)
+    sched.add(b)
+    step(sched, model)
+    clock.t += 1
+    sched.add(late)  # waits: max_num_seqs is reached
+    step(sched, model)
+    out = step(sched, model)
+    assert out.preempted == [b]
+    clock.t += 5.5  # late has waited 5.5 s; b, requeued by the preemption, as long: only late is due
+    out = step(sched, model)
+    assert out.expired == [late] and late.is_finished and late.finish_reason is FinishReason.ABORT
+    assert late.seq_id not in bm and sched.stats.num_expired == 1
+    clock.t += 100
+    while sched.has_unfinished():
+        out = step(sched, model)
+        assert not out.expired  # b, preempted and waiting again, never expires
+    assert a.output_token_ids == reference(a.prompt_token_ids, 5)
+    assert b.output_token_ids == reference(b.prompt_token_ids, 5)
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_queue_timeout_zero_never_expires() -> None:
+    clock = FakeClock()
+    sched, _, model = make(clock=clock, max_num_seqs=1)
+    seqs = [make_seq(i, 4, max_tokens=2) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    clock.t += 1e6
+    outs = run_all(sched, model)
+    assert not any(o.expired for o in outs) and all(s.finish_reason is FinishReason.LENGTH for s in seqs)
+
+
 @pytest.mark.parametrize("during_step", [False, True])
 @pytest.mark.parametrize("state", ["prefilling", "decoding"])
 def test_abort_running(state: str, during_step: bool) -> None:

@@ -184,7 +184,8 @@ def test_disconnect_aborts_and_frees_blocks(daemon: Daemon) -> None:
     request streaming beside it is untouched."""
     conn = UnixHTTPConnection(daemon.socket_path)
     conn.request("POST", "/v1/generate", msgpack.packb({"prompt": "Once upon a time", "max_tokens": 1500,
-                                                        "ignore_eos": True, "temperature": 0}))
+                                                        "ignore_eos": True, "temperature": 0}),
+                 headers={"Content-Type": "application/msgpack"})
     resp = conn.getresponse()
     unpacker = msgpack.Unpacker(raw=False)
     got = 0
