@@ -125,9 +125,13 @@ class Daemon:
         allow = AllowList.build(self.listeners.path, c.listen.allow_uids, c.listen.allow_groups)
         app = build_app(service, allow, self.reload)
         # keepalive_timeout also bounds how long a connection may take to send a request's head
-        # (aiohttp arms it at connect): idle and slowloris connections close after it.
+        # (aiohttp arms it at connect): idle and slowloris connections close after it. After an
+        # answer given before the body was read (408, 413) aiohttp reads and drops the rest so
+        # that the client sees the answer; for at most a second (its default, 10 s, would let a
+        # trickled body hold the connection that long).
         runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=5.0, keepalive_timeout=c.limits.keepalive_timeout_s)
+                               shutdown_timeout=5.0, keepalive_timeout=c.limits.keepalive_timeout_s,
+                               lingering_time=1.0)
         await runner.setup()
         assert runner.server is not None
         limit_connections(runner.server, lambda: service.config.limits.max_connections)

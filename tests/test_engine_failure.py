@@ -134,3 +134,53 @@ def test_watchdog_pings_only_while_the_engine_progresses(tmp_path: Path, default
     assert rc == 0
     assert seen["idle"] >= 5 and seen["hung"] == 0 and seen["after"] >= 5, seen
     assert seen["frames"][-1]["type"] == "end"
+
+
+def test_failed_step_fails_its_requests_and_the_daemon_serves_on(tmp_path: Path, default_gguf: Path) -> None:
+    """An exception inside one step that is not a device error (here a plain RuntimeError)
+    ends that step's request with a terminal error frame; the daemon keeps running, reports
+    nothing fatal, frees the blocks, and the next request is served as usual."""
+    sock = str(tmp_path / "d.sock")
+    config = parse_config(TEST_CONFIG, source=str(tmp_path / "c.yaml"))
+    notify = NotifyListener(tmp_path / "notify.sock")
+    notifier = systemd.Notifier({"NOTIFY_SOCKET": notify.path})
+    service = Service(config)
+    daemon = ServeDaemon(service, open_listeners(config, sock), notifier)
+    client = Daemon(None, sock, tmp_path / "c.yaml", tmp_path / "log", notify)  # type: ignore[arg-type]
+    seen: dict[str, Any] = {}
+
+    def client_side() -> None:
+        try:
+            notify.wait_for("READY", "1")
+            runner = service.engine.runner
+            real = runner.execute
+            calls = {"n": 0}
+
+            def failing_once(*args: Any) -> Any:
+                calls["n"] += 1
+                if calls["n"] == 4:
+                    raise RuntimeError("index 7 is out of bounds for dimension 0 with size 3")
+                return real(*args)
+
+            runner.execute = failing_once
+            seen["failed"] = list(client.stream_native({"prompt": "Once upon a time", "max_tokens": 30,
+                                                         "ignore_eos": True}))
+            seen["next"] = list(client.stream_native({"prompt": "Hello", "max_tokens": 5, "ignore_eos": True}))
+            time.sleep(0.2)
+            seen["status"] = client.request("GET", "/v1/status").json()
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=client_side)
+    t.start()
+    rc = uvloop.run(daemon.run())
+    t.join(30)
+    notify.close()
+    assert rc == 0
+    kinds = [f["type"] for f in seen["failed"]]
+    assert kinds[0] == "start" and kinds.count("delta") >= 1
+    assert kinds[-1] == "error" and seen["failed"][-1]["status"] == 500
+    assert "out of bounds" in seen["failed"][-1]["message"]
+    assert seen["next"][-1]["type"] == "end" and seen["next"][-1]["usage"]["completion_tokens"] == 5
+    s = seen["status"]
+    assert s["engine_error"] is None and s["state"] == "ready" and s["kv_blocks_used"] == 0 and s["running"] == 0
