@@ -23,8 +23,8 @@ import numba_kernels
 from inflightd.llm import run_on_own_thread
 from inflightd.models.llama import LlamaModel
 from inflightd.models.loader import load_model
-from inflightd.omp_spin import SpinGovernor
-from inflightd.store import resolve_model
+from inflightd.runtime.omp_spin import SpinGovernor
+from inflightd.store.store import resolve_model
 
 
 def main() -> None:

@@ -22,12 +22,13 @@ CHILD = r"""
 import json, sys, time
 import inflightd  # first: it sets OMP_WAIT_POLICY before torch loads its OpenMP
 import psutil, torch
-from inflightd import LLM, SamplingParams
+from inflightd import LLM
+from inflightd import SamplingParams
 from inflightd.models.loader import load_model
-from inflightd.kv_storage import peak_rss
+from inflightd.runtime.paged_cache import peak_rss
 model, dtype, n, attention = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 rss0 = psutil.Process().memory_info().rss
-from inflightd.store import resolve_model
+from inflightd.store.store import resolve_model
 from inflightd.llm import run_on_own_thread
 # The load alone, for its peak RSS; on a thread that exits, as LLM does: an OpenMP pool left on
 # this thread would throttle the engine thread's spin (inflightd/omp_spin.py).

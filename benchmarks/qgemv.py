@@ -40,7 +40,7 @@ def child(method: str, reps: int, tokens: list[int]) -> None:
     from inflightd.llm import run_on_own_thread
     from inflightd.models import llama
     from inflightd.models.loader import load_model
-    from inflightd.store import resolve_model
+    from inflightd.store.store import resolve_model
 
     def load() -> llama.LlamaModel:
         model, _ = load_model(resolve_model("default"), "float32", "cpu")

@@ -212,7 +212,7 @@ def run_hf(args: argparse.Namespace, work: Workload, rows: list[Row]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
     from transformers.utils import logging as hf_logging
 
-    from inflightd.store import resolve_model
+    from inflightd.store.store import resolve_model
 
     hf_logging.set_verbosity_error()
     path = resolve_model(args.model)

@@ -161,7 +161,7 @@ def main() -> int:
         print(f"model not found: {args.gguf} (run `inflightd pull`)", file=sys.stderr)
         return 2
 
-    from inflightd.tokenizer import Tokenizer, _unicode
+    from inflightd.tokenizer.tokenizer import Tokenizer, _unicode
 
     t0 = time.perf_counter()
     _unicode()

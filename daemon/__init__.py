@@ -18,8 +18,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 if TYPE_CHECKING:
+    from .engine.sampling_params import SamplingParams
     from .llm import LLM, RequestOutput
-    from .sampling_params import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 
@@ -30,7 +30,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(llm, name)
     if name == "SamplingParams":
-        from .sampling_params import SamplingParams
+        from .engine.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'inflightd' has no attribute {name!r}")

@@ -10,9 +10,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .client_cli import add_client_commands, non_negative_float, positive_int
-from .pull import pull
-from .store import DEFAULT_MODEL, ModelError, store_dir
+from .client.commands import add_client_commands, non_negative_float, positive_int
+from .store.pull import pull
+from .store.store import DEFAULT_MODEL, ModelError, store_dir
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -44,7 +44,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import main as serve_main
+    from .server.daemon import main as serve_main
 
     return serve_main(args.config, args.socket, args.model, args.device, args.dtype)
 

@@ -20,19 +20,20 @@ import torch
 
 import numba_kernels
 
-from .chat_template import ChatTemplate
-from .engine import Engine, EngineOutput
-from .kv_cache import BlockManager
-from .kv_storage import PagedKVCache, plan_num_blocks
-from .model_runner import ModelRunner, ReferenceRunner, is_device_error, measure_activation_peak
+from .engine.block_manager import BlockManager
+from .engine.engine import Engine
+from .engine.outputs import EngineOutput
+from .engine.sampling_params import SamplingParams
+from .engine.scheduler import KVPolicy, Scheduler, SchedulerConfig
 from .models.llama import LlamaModel
 from .models.loader import LoadStats, load_model, open_gguf
-from .sampling_params import SamplingParams
-from .scheduler import KVPolicy, Scheduler, SchedulerConfig
-from .store import resolve_model
-from .tokenizer import Tokenizer
+from .runtime.model_runner import ModelRunner, ReferenceRunner, is_device_error, measure_activation_peak
+from .runtime.paged_cache import PagedKVCache, plan_num_blocks
+from .store.store import resolve_model
+from .tokenizer.chat_template import ChatTemplate
+from .tokenizer.tokenizer import Tokenizer
 
-log = logging.getLogger("inflightd.llm")
+log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 

@@ -24,8 +24,8 @@ import pexpect
 import pytest
 from daemon_util import INFLIGHTD, Daemon
 
-from inflightd.chat import CONTINUATION, PROMPT, ChatSession, read_message
-from inflightd.client import Client
+from inflightd.client.chat import CONTINUATION, PROMPT, ChatSession, read_message
+from inflightd.client.client import Client
 
 PROMPT_RE = re.escape(PROMPT)
 

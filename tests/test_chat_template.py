@@ -1,4 +1,4 @@
-"""inflightd.chat_template against transformers' apply_chat_template(tokenize=False)."""
+"""inflightd.tokenizer.chat_template against transformers' apply_chat_template(tokenize=False)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import gguf
 import jinja2
 import pytest
 
-from inflightd.chat_template import ChatTemplate, ChatTemplateError
+from inflightd.tokenizer.chat_template import ChatTemplate, ChatTemplateError
 
 # A Llama-3.1-style template: bos_token, system extraction, date default, tools rendered
 # with tojson(indent=4), single tool calls, ipython/tool results, raise_exception.

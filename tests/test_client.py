@@ -1,4 +1,4 @@
-"""The client side (`inflightd.client`, `inflightd complete | status | reload`).
+"""The client side (`inflightd.client.client`, `inflightd complete | status | reload`).
 
 - Stream parsing without a daemon: frames cut at every byte boundary, a stream without its
   terminal frame (truncated), an `error` frame, an oversized frame, a frame that is not a map.
@@ -28,8 +28,8 @@ import msgpack
 import pytest
 from daemon_util import INFLIGHTD, Daemon
 
-from inflightd import client as client_mod
-from inflightd.client import (
+from inflightd.client import client as client_mod
+from inflightd.client.client import (
     Client,
     DaemonError,
     DaemonUnavailable,

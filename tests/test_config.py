@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from inflightd.config import Config, ConfigError, load_config, parse_config, parse_memory
-from inflightd.protocol import ProtocolError, parse_chat, parse_completion, parse_native
-from inflightd.sockets import AllowList, PeerCred, SocketInUseError, bind_unix
+from inflightd.server.config import Config, ConfigError, load_config, parse_config, parse_memory
+from inflightd.server.protocol import ProtocolError, parse_chat, parse_completion, parse_native
+from inflightd.server.sockets import AllowList, PeerCred, SocketInUseError, bind_unix
 
 ETC = Path(__file__).resolve().parents[1] / "etc" / "inflightd.yaml"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inflightd import LLM, SamplingParams
-from inflightd.sequence import SeqChunk
+from inflightd.engine.sequence import SeqChunk
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from inflightd import LLM, SamplingParams
-from inflightd.engine import EngineOutput
-from inflightd.kv_storage import PagedKVCache
+from inflightd.engine.outputs import EngineOutput
+from inflightd.runtime.paged_cache import PagedKVCache
 
 TOPICS = ["the moon", "a red bicycle", "prime numbers", "the ocean", "Python decorators", "coffee",
           "a lighthouse", "winter", "chess openings", "volcanoes", "the printing press", "bees",

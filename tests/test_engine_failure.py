@@ -18,11 +18,11 @@ import pytest
 import uvloop
 from daemon_util import TEST_CONFIG, Daemon, NotifyListener
 
-from inflightd import systemd
-from inflightd.config import parse_config
-from inflightd.serve import Daemon as ServeDaemon
-from inflightd.serve import open_listeners
-from inflightd.service import Service
+from inflightd.server import systemd
+from inflightd.server.config import parse_config
+from inflightd.server.daemon import Daemon as ServeDaemon
+from inflightd.server.daemon import open_listeners
+from inflightd.server.service import Service
 
 pytestmark = pytest.mark.slow
 

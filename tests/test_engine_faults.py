@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from inflightd.engine import MAX_FAILED_STEPS, Engine, EngineOutput
-from inflightd.kv_cache import BlockManager
-from inflightd.model_runner import is_device_error
-from inflightd.sampling_params import SamplingParams, SamplingParamsError
-from inflightd.scheduler import Scheduler, SchedulerConfig
-from inflightd.sequence import SeqChunk
-from inflightd.tokenizer import Tokenizer
+from inflightd.engine.block_manager import BlockManager
+from inflightd.engine.engine import MAX_FAILED_STEPS, Engine
+from inflightd.engine.outputs import EngineOutput
+from inflightd.engine.sampling_params import SamplingParams, SamplingParamsError
+from inflightd.engine.scheduler import Scheduler, SchedulerConfig
+from inflightd.engine.sequence import SeqChunk
+from inflightd.runtime.model_runner import is_device_error
+from inflightd.tokenizer.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from inflightd import kv_cache
-from inflightd.kv_cache import (
+from inflightd.engine import block_manager as kv_cache
+from inflightd.engine.block_manager import (
     BlockManager,
     KVCacheIntegrityError,
     OutOfBlocksError,

@@ -17,7 +17,7 @@ from inflightd.models.loader import ModelLoadError, load_model
 MEASURE = r"""
 import json, sys
 import psutil, torch
-from inflightd.kv_storage import peak_rss
+from inflightd.runtime.paged_cache import peak_rss
 from inflightd.models.loader import load_model
 base = psutil.Process().memory_info().rss
 model, stats = load_model(sys.argv[1], sys.argv[2])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 
-from inflightd.omp_spin import SpinGovernor
+from inflightd.runtime.omp_spin import SpinGovernor
 
 
 def _parked() -> list[threading.Thread]:

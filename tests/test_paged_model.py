@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from inflightd import LLM, SamplingParams
-from inflightd.kv_storage import PagedKVCache
-from inflightd.scheduler import RequestTooLongError
+from inflightd.engine.scheduler import RequestTooLongError
+from inflightd.runtime.paged_cache import PagedKVCache
 
 PROMPTS = [
     "The capital of France is",

@@ -20,9 +20,10 @@ from typing import ClassVar
 import pytest
 
 import inflightd
-from inflightd import cli, store
-from inflightd.pull import pull
-from inflightd.store import (
+from inflightd import cli
+from inflightd.store import store
+from inflightd.store.pull import pull
+from inflightd.store.store import (
     DEFAULT_MODEL,
     InvalidModelError,
     ModelNotFoundError,

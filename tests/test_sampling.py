@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
-from inflightd.sampling import Sampler, SampleResult, make_generator, process_logits, sample
-from inflightd.sampling_params import SamplingParams, SamplingParamsError
+from inflightd.engine.sampling import Sampler, SampleResult, make_generator, process_logits, sample
+from inflightd.engine.sampling_params import SamplingParams, SamplingParamsError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,15 +12,15 @@ from collections.abc import Sequence as Seq
 
 import pytest
 
-from inflightd.kv_cache import BlockManager
-from inflightd.scheduler import (
+from inflightd.engine.block_manager import BlockManager
+from inflightd.engine.scheduler import (
     QueueFullError,
     RequestTooLongError,
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
 )
-from inflightd.sequence import FinishReason, SeqChunk, Sequence, SequenceStatus
+from inflightd.engine.sequence import FinishReason, SeqChunk, Sequence, SequenceStatus
 
 VOCAB = 1000
 

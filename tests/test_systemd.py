@@ -1,6 +1,6 @@
 """systemd integration without systemd as PID 1.
 
-- `inflightd.systemd`: notifications received on a datagram socket of our own passed as
+- `inflightd.server.systemd`: notifications received on a datagram socket of our own passed as
   `NOTIFY_SOCKET` (path and abstract), the watchdog interval, and socket activation in a child
   process that gets a pre-bound listening socket on fd 3 with `LISTEN_PID` set to its own pid.
 - The unit files: `systemd-analyze verify` must print nothing, `systemd-analyze security
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from inflightd import systemd
+from inflightd.server import systemd
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -121,7 +121,7 @@ def test_unset_is_a_no_op() -> None:
 
 def test_send_errors_never_raise_and_warn_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     environ = {"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")}
-    caplog.set_level(logging.DEBUG, logger="inflightd.systemd")
+    caplog.set_level(logging.DEBUG, logger="inflightd.server.systemd")
     with systemd.Notifier(environ) as n:
         assert n.enabled
         for _ in range(3):
@@ -167,7 +167,7 @@ def test_listen_fds_for_another_pid() -> None:
 # Runs as the activated daemon: takes the sockets, reports what it got, serves one connection.
 _CHILD = r"""
 import json, os, socket, sys
-from inflightd import systemd
+from inflightd.server import systemd
 pairs = systemd.listen_fds_with_names()
 name, sock = pairs[0]
 report = {

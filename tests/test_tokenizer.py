@@ -1,4 +1,4 @@
-"""inflightd.tokenizer against Hugging Face references.
+"""inflightd.tokenizer.tokenizer against Hugging Face references.
 
 The reference for the default model is transformers loading the same GGUF, with one
 correction: transformers' GGUF conversion gives tokenizer.ggml.pre = "smollm" the plain GPT-2
@@ -31,10 +31,10 @@ from tokenizers import (
 )
 from tokenizers import Tokenizer as HFTokenizer
 
-from inflightd.bpe import BYTE_TO_CHAR, spell
 from inflightd.models.gguf_file import GGUFFile
-from inflightd.pretokenizer import DEFAULT, GGUF_PRE, GPT2, PreTokenizer
-from inflightd.tokenizer import (
+from inflightd.tokenizer.bpe import BYTE_TO_CHAR, spell
+from inflightd.tokenizer.pretokenizer import DEFAULT, GGUF_PRE, GPT2, PreTokenizer
+from inflightd.tokenizer.tokenizer import (
     SUPPORTED_GGUF_PRE,
     IncrementalDetokenizer,
     Tokenizer,

@@ -27,7 +27,7 @@ from .config import ModelConfig, ModelConfigError
 from .gguf_file import GGUFFile
 from .llama import LayerWeights, LlamaModel, LlamaWeights, QuantWeight
 
-log = logging.getLogger("inflightd.loader")
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -27,72 +27,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import torch
 
-from .checks import is_int
+from ..checks import is_int
+from ..tokenizer.tokenizer import IncrementalDetokenizer, Tokenizer
+from .outputs import EngineOutput, EngineSnapshot, Sink, StepStats, Timing, Usage
+from .runner import Runner
 from .sampling import Sampler, make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from .sequence import FinishReason, SeqChunk, Sequence
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .sequence import FinishReason, Sequence
 
-log = logging.getLogger("inflightd.engine")
+log = logging.getLogger(__name__)
 
 # Steps that may fail in a row before the engine counts itself broken (is_fatal aside).
 MAX_FAILED_STEPS = 3
-
-
-class Runner(Protocol):
-    def execute(self, chunks: list[SeqChunk], copies: list[tuple[int, int]]) -> torch.Tensor:
-        """One forward step → logits [num_sampled_chunks, vocab] float32, in chunk order."""
-        ...
-
-    def release(self, seq_id: int) -> None:
-        """A sequence is gone (finished or aborted): drop any state kept for it."""
-        ...
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-
-@dataclass(frozen=True)
-class Timing:
-    queue_ms: float  # arrival → first scheduled
-    ttft_ms: float  # arrival → first token
-    tpot_ms: float  # mean time per output token after the first
-
-
-@dataclass(frozen=True)
-class EngineOutput:
-    """What a request's sink receives: a delta of new tokens and text; the last one for a
-    request has `finished` set, with its reason, usage and timing."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    usage: Usage | None = None
-    timing: Timing | None = None
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    error: str | None = None  # the engine failed or refused this request (finish_reason "abort")
-    cached_tokens: int = 0  # prompt tokens the prefix cache served (known once scheduled)
-    # With `error`: refused for load (it waited past queue_timeout_s), not failed; a client may
-    # retry later.
-    overloaded: bool = False
-
-
-Sink = Callable[[EngineOutput], None]
 
 
 @dataclass
@@ -107,38 +59,6 @@ class _Request:
     text: str = ""  # decoded so far, stop strings not yet ruled out included
     emitted: int = 0  # characters of `text` already sent
     done: bool = False
-
-
-@dataclass
-class StepStats:
-    """Counters since start, for metrics and benchmarks."""
-
-    steps: int = 0
-    tokens: int = 0  # computed tokens (prefill + decode)
-    decode_tokens: int = 0
-    model_s: float = 0.0  # inside runner.execute
-    step_s: float = 0.0  # whole steps, scheduling and output processing included
-    recent: deque[tuple[float, int, int, float, float]] = field(default_factory=lambda: deque(maxlen=256))
-    # recent: (time, batch size, tokens, model seconds, step seconds) per step
-
-    @property
-    def outside_share(self) -> float:
-        """Share of step time spent outside the model (scheduling, sampling, outputs)."""
-        return 0.0 if self.step_s == 0 else 1.0 - self.model_s / self.step_s
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    num_waiting: int
-    num_running: int
-    num_blocks: int
-    num_free_blocks: int
-    prefix_query_tokens: int
-    prefix_hit_tokens: int
-    num_preemptions: int
-    steps: int
-    last_progress: float
-    config: SchedulerConfig
 
 
 class Engine:

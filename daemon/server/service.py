@@ -20,14 +20,14 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from ..engine.outputs import EngineOutput, EngineSnapshot
+from ..engine.sampling_params import SamplingParams, SamplingParamsError
+from ..engine.scheduler import QueueFullError, RequestTooLongError, SchedulerConfig
 from .config import Config, ConfigError, load_config, parse_memory
-from .engine import EngineOutput, EngineSnapshot
 from .metrics import Metrics
 from .protocol import GenerateRequest, ProtocolError
-from .sampling_params import SamplingParams, SamplingParamsError
-from .scheduler import QueueFullError, RequestTooLongError, SchedulerConfig
 
-log = logging.getLogger("inflightd.service")
+log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "draining", "failed"]
 
@@ -114,7 +114,7 @@ class Service:
     # ------------------------------------------------------------------------------ loading
     def load(self) -> None:
         """Blocking (run it in a thread): load the model, compile the kernels, start the engine."""
-        from .llm import LLM  # torch and numba: seconds to import
+        from ..llm import LLM  # torch and numba: seconds to import
 
         c = self.config
         t0 = time.monotonic()

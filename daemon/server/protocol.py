@@ -20,8 +20,8 @@ from typing import Any
 
 import msgpack
 
-from .checks import is_finite_number, is_int
-from .sampling_params import SEED_MAX, SEED_MIN
+from ..checks import is_finite_number, is_int
+from ..engine.sampling_params import SEED_MAX, SEED_MIN
 
 NATIVE_STREAM_TYPE = "application/vnd.inflightd.stream+msgpack"
 MSGPACK_TYPE = "application/msgpack"

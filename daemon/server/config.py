@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar, cast, get_args, get_origin, get_type_h
 
 import yaml
 
-from .checks import is_finite_number
+from ..checks import is_finite_number
 
 LIVE_SECTIONS = ("scheduler", "limits", "slo", "cost", "log")
 # Keys of live sections that only a restart changes: aiohttp fixes them per listener at start.

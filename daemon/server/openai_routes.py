@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ..engine.outputs import EngineOutput
 from . import protocol as P
-from .engine import EngineOutput
 from .http_io import SERVICE, finish, output_error, prepare, read_json, send
 from .protocol import GenerateRequest, ProtocolError
 

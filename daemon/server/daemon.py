@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from . import systemd
+from .app import build_app, limit_connections
 from .config import Config, ConfigError, default_socket_path, load_config, parse_tcp
-from .server import build_app, limit_connections
 from .service import ReloadResult, Service
 from .sockets import AllowList, SocketInUseError, bind_tcp, bind_unix, file_identity, unlink_if_ours
 
-log = logging.getLogger("inflightd.serve")
+log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 10.0  # STATUS= refresh without a watchdog (a timer, not a busy loop)
 

@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from .checks import is_finite_number
-from .kv_cache import BlockManager
+from ..checks import is_finite_number
+from .block_manager import BlockManager
 from .sequence import FinishReason, SeqChunk, Sequence, SequenceStatus
 
-log = logging.getLogger("inflightd.scheduler")
+log = logging.getLogger(__name__)
 
 OrderPolicy = Literal["fcfs", "priority"]
 KVPolicy = Literal["recompute", "no_evict"]

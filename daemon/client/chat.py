@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..engine.sampling_params import SamplingParams, SamplingParamsError
 from .client import Client, ClientError, DaemonError
-from .sampling_params import SamplingParams, SamplingParamsError
 
 PROMPT = ">>> "
 CONTINUATION = "... "

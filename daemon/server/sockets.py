@@ -22,7 +22,7 @@ import stat
 import struct
 from dataclasses import dataclass
 
-log = logging.getLogger("inflightd.sockets")
+log = logging.getLogger(__name__)
 
 
 class SocketInUseError(RuntimeError):

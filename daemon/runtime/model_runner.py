@@ -14,12 +14,12 @@ import numpy as np
 import psutil
 import torch
 
-from .kv_storage import PagedKVCache, PagedStep, peak_rss, reset_peak_rss
-from .models.llama import ContiguousKVCache, LlamaModel, uses_codes
+from ..engine.sequence import SeqChunk
+from ..models.llama import ContiguousKVCache, LlamaModel, uses_codes
 from .omp_spin import SpinGovernor
-from .sequence import SeqChunk
+from .paged_cache import PagedKVCache, PagedStep, peak_rss, reset_peak_rss
 
-log = logging.getLogger("inflightd.runner")
+log = logging.getLogger(__name__)
 
 # What a failed step says when the device itself is gone: a CUDA error poisons the context for
 # every later call, so the daemon must exit and let systemd restart it. Anything else fails only

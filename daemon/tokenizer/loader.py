@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .models.gguf_file import GGUFFile
+from ..models.gguf_file import GGUFFile
+from .errors import TokenizerError
 from .pretokenizer import GGUF_PRE, GPT2, PREFIX_SPACE, SUPPORTED_GGUF_PRE
-from .tokenizer_error import TokenizerError
 
 __all__ = ["TOKEN_BYTE", "TOKEN_CONTROL", "TOKEN_NORMAL", "TOKEN_UNKNOWN", "TOKEN_UNUSED",
            "TOKEN_USER_DEFINED", "UnicodeForm", "gguf_tokenizer_args", "hf_tokenizer_args"]

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
-from . import openai_api
+from . import openai_routes as openai_api
 from .http_io import ALLOW, RELOAD, SERVICE, finish, output_error, prepare, read_body, read_json, send
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .protocol import (
@@ -38,7 +38,7 @@ from .protocol import (
 from .service import Prepared, ReloadResult, Service
 from .sockets import AllowList, peer_cred
 
-log = logging.getLogger("inflightd.server")
+log = logging.getLogger(__name__)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -15,7 +15,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
-from .tokenizer_error import TokenizerError
+from .errors import TokenizerError
 
 __all__ = ["ASTRAL_RUN_RE", "WHITE_SPACE", "WHITE_SPACE_CHARS", "Ranges", "Regex", "UnicodeTables",
            "class_body", "unicode_tables"]

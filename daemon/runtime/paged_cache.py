@@ -18,9 +18,9 @@ import torch
 
 import numba_kernels
 
-from .models.config import ModelConfig
+from ..models.config import ModelConfig
 
-log = logging.getLogger("inflightd.kv")
+log = logging.getLogger(__name__)
 
 # Share of the memory still available after weights and the activation peak that `memory: auto`
 # gives the cache. The CPU share leaves room for the page cache and other processes; the GPU

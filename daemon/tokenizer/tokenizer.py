@@ -23,11 +23,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..models.gguf_file import GGUFFile
 from .bpe import DEFAULT_CACHE_SIZE, NOT_ALPHABET_RE, BytePairEncoder, spell, unspell
-from .models.gguf_file import GGUFFile
-from .pretokenizer import SUPPORTED_GGUF_PRE, PreTokenizer
-from .tokenizer_error import TokenizerError
-from .tokenizer_loader import (
+from .errors import TokenizerError
+from .loader import (
     TOKEN_BYTE,
     TOKEN_CONTROL,
     TOKEN_NORMAL,
@@ -38,6 +37,7 @@ from .tokenizer_loader import (
     gguf_tokenizer_args,
     hf_tokenizer_args,
 )
+from .pretokenizer import SUPPORTED_GGUF_PRE, PreTokenizer
 from .unicode_regex import WHITE_SPACE, WHITE_SPACE_CHARS, class_body
 from .unicode_regex import unicode_tables as _unicode  # noqa: F401  (benchmarks/tokenizer.py warms it)
 

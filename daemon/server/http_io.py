@@ -16,9 +16,9 @@ from .service import Prepared, ReloadResult, Service
 from .sockets import AllowList
 
 if TYPE_CHECKING:
-    from .engine import EngineOutput
+    from ..engine.outputs import EngineOutput
 
-log = logging.getLogger("inflightd.server")
+log = logging.getLogger(__name__)
 
 SERVICE = web.AppKey("service", Service)
 ALLOW = web.AppKey("allow", AllowList)

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 
-from .config import SYSTEM_SOCKET, default_socket_path
+from ..server.config import SYSTEM_SOCKET, default_socket_path
 
 MSGPACK_TYPE = "application/msgpack"
 NATIVE_STREAM_TYPE = "application/vnd.inflightd.stream+msgpack"
