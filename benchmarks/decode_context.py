@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -59,6 +60,7 @@ def main() -> None:
     times: dict[tuple[int, int], list[float]] = {}
     for _ in range(args.rounds):
         for sw in thresholds:
+            model.cpu = replace(model.cpu, decode_serial_work=sw)
             for ctx in contexts:
                 best = float("inf")
                 pos = ctx - 1
@@ -67,7 +69,7 @@ def main() -> None:
                 for _ in range(args.reps):
                     t = time.perf_counter()
                     model.decode_tokens(ids, positions, caches, slot, table, np.array([ctx], np.int32),  # type: ignore[arg-type]
-                                        qsl, bs, serial_work=sw)
+                                        qsl, bs)
                     best = min(best, time.perf_counter() - t)
                 times.setdefault((sw, ctx), []).append(best * 1e3)
     print(f"<!-- python benchmarks/decode_context.py --contexts {args.contexts} --serial-work {args.serial_work} "

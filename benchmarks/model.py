@@ -45,7 +45,7 @@ t = time.perf_counter()
 out = llm.chat(prompt, p)
 wall = time.perf_counter() - t
 print(json.dumps(dict(
-    attention=attention, dtype=dtype, matmul=__import__("inflightd.models.llama").models.llama.CPU_MATMUL
+    attention=attention, dtype=dtype, matmul=llm.model.cpu.matmul
     if dtype == "float32" else "torch", load_s=llm.load_stats.seconds, init_s=init_s,
     weights_mb=llm.load_stats.weight_bytes / 1e6,
     load_peak_over_base_mb=(peak - rss0) / 1e6, peak_rss_mb=peak / 1e6,

@@ -39,6 +39,7 @@ def child(method: str, reps: int, tokens: list[int]) -> None:
     import numba_kernels
     from inflightd.llm import run_on_own_thread
     from inflightd.models import llama
+    from inflightd.models.backend import qgemm
     from inflightd.models.loader import load_model
     from inflightd.store.store import resolve_model
 
@@ -68,11 +69,11 @@ def child(method: str, reps: int, tokens: list[int]) -> None:
 
         def codes(xs: dict[int, torch.Tensor] = xs) -> None:
             for t, q in steps:
-                llama._qgemm(xs[t.shape[1]], q)
+                qgemm(xs[t.shape[1]], q)
 
         x = xs[cfg.hidden_size]
         ref = x.double() @ w.layers[0].gate_up.double().T
-        err = float((llama._qgemm(x, w.layers[0].gate_up_q).double() - ref).norm() / ref.norm())
+        err = float((qgemm(x, w.layers[0].gate_up_q).double() - ref).norm() / ref.norm())
         fn = blas if method == "blas" else codes
         fn()
         best = float("inf")

@@ -26,6 +26,8 @@ import inflightd  # noqa: F401  (first: it sets the OpenMP wait policy before to
 import inflightd.models.llama as llama
 import numba_kernels
 from inflightd import LLM, SamplingParams
+from inflightd.engine.scheduler_config import SchedulerConfig
+from inflightd.models.backend import CpuBackend
 
 acc: collections.Counter[str] = collections.Counter()
 
@@ -48,14 +50,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--layer-calls", action="store_true", help="one-token steps through the ordinary forward")
     args = ap.parse_args()
-    # module-level functions the forward looks up at call time
-    llama.linear = timed("linear", llama.linear)  # type: ignore[assignment]
-    llama.rms_norm = timed("rms_norm", llama.rms_norm)  # type: ignore[assignment]
+    # what the forward looks up at call time: the CPU backend's methods, module-level functions
+    CpuBackend.linear = timed("linear", CpuBackend.linear)  # type: ignore[method-assign]
+    CpuBackend.rms_norm = timed("rms_norm", CpuBackend.rms_norm)  # type: ignore[method-assign]
     llama.apply_rope = timed("rope", llama.apply_rope)  # type: ignore[assignment]
     llama.cpu_ops.rope_ = timed("rope", llama.cpu_ops.rope_)  # type: ignore[assignment]  # fused path
     for name in ("write_kv_cache", "paged_attention_decode", "paged_attention_prefill"):
         setattr(numba_kernels, name, timed(name, getattr(numba_kernels, name)))
-    llm = LLM(model="default", dtype=args.dtype, kv_cache_memory=1 << 30, max_num_seqs=max(64, args.batch))
+    llm = LLM(model="default", dtype=args.dtype, kv_cache_memory=1 << 30,
+              scheduler=SchedulerConfig(max_num_seqs=max(64, args.batch), max_queue_delay_ms=0))
     runner: Any = llm.engine.runner
     runner.execute = timed("execute", runner.execute)
     model: Any = llm.model

@@ -112,13 +112,15 @@ class Workload:
 # ------------------------------------------------------------------------------ inflightd
 def run_inflightd(args: argparse.Namespace, rows: list[Row]) -> tuple[Workload, dict[str, float]]:
     from inflightd import LLM, SamplingParams
+    from inflightd.engine.scheduler_config import SchedulerConfig
 
     t = time.perf_counter()
     llm = LLM(
         model=args.model,
         dtype=args.dtype,
-        max_num_seqs=max(args.requests, 1),
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        scheduler=SchedulerConfig(max_num_seqs=max(args.requests, 1),
+                                  max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_queue_delay_ms=0, max_waiting=1 << 30),
         kv_cache_memory=args.kv_cache_memory,
     )
     args.dtype = str(llm.model.dtype).removeprefix("torch.")  # "auto" resolved, for the labels

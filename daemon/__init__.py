@@ -5,17 +5,16 @@ must not pay for importing torch.
 """
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-# torch's bundled libgomp and the one Numba's omp layer loads share the cores; spinning workers
-# of one stall the other for whole scheduler slices (benchmarks/attention.py measured 3.9 ms vs
-# 0.08 ms per alternation). libgomp reads this once, when torch is first imported, so it is set
-# here, before any module of the package imports torch. An explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# ...but spin briefly first: waking sleeping workers costs ~60-110 µs on a VM, and a decode step
-# of one sequence starts ~120 short parallel regions (see numba_kernels/__init__.py).
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# torch's bundled libgomp and the one Numba's omp layer loads share the cores: spinning workers
+# of one stall the other. libgomp reads its settings once, when torch is first imported, so the
+# defaults (a short spin, then sleep: runtime.settings, models.backend) are set here, before any
+# module of the package imports torch; `inflightd serve` applies its config file's values the
+# same way before it loads the model. A variable set by the user wins.
+from .runtime.settings import apply_omp_environment, cpu_backend  # noqa: E402
+
+apply_omp_environment(cpu_backend())
 
 if TYPE_CHECKING:
     from .engine.sampling_params import SamplingParams

@@ -12,7 +12,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,11 +24,15 @@ from .engine.block_manager import BlockManager
 from .engine.engine import Engine
 from .engine.outputs import EngineOutput
 from .engine.sampling_params import SamplingParams
-from .engine.scheduler import KVPolicy, Scheduler, SchedulerConfig
+from .engine.scheduler import Scheduler
+from .engine.scheduler_config import RequestLimits, SchedulerConfig
+from .engine.sequence import FinishReason
+from .models.backend import CpuBackend
 from .models.llama import LlamaModel
 from .models.loader import LoadStats, load_model, open_gguf
 from .runtime.model_runner import ModelRunner, ReferenceRunner, is_device_error, measure_activation_peak
 from .runtime.paged_cache import PagedKVCache, plan_num_blocks
+from .runtime.settings import cpu_backend
 from .store.store import resolve_model
 from .tokenizer.chat_template import ChatTemplate
 from .tokenizer.tokenizer import Tokenizer
@@ -84,7 +88,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None  # a str enum: == "stop" | "length" | "abort"
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     ttft_s: float = 0.0
     tpot_s: float = 0.0
@@ -123,6 +127,11 @@ def run_on_own_thread(fn: Callable[[], T]) -> T:
     return result[0]
 
 
+# The offline default: every prompt is there from the start (no delay window), and a queue as
+# long as the caller's list.
+OFFLINE_SCHEDULER = SchedulerConfig(max_queue_delay_ms=0.0, max_waiting=1 << 30)
+
+
 class LLM:
     def __init__(
         self,
@@ -134,24 +143,20 @@ class LLM:
         attention: str = "paged",
         block_size: int = 16,
         kv_cache_memory: int | float | str = "auto",
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
-        kv_policy: KVPolicy = "recompute",
         prefix_caching: bool = True,
-        scheduler_config: SchedulerConfig | None = None,
+        scheduler: SchedulerConfig = OFFLINE_SCHEDULER,
+        queue_timeout_s: float = 0.0,
+        cpu: CpuBackend | None = None,
     ) -> None:
         """`attention`: "paged" (the paged cache and Numba kernels, as the daemon runs) or
         "reference" (contiguous per-sequence buffers and torch SDPA, the oracle for tests).
-        `device` and `dtype` may be "auto" (`resolve_device`, `resolve_dtype`).
-        `scheduler_config` (the daemon's) replaces max_num_seqs, max_num_batched_tokens and
-        kv_policy; its max_model_len is capped by the model's."""
+        `device` and `dtype` may be "auto" (`resolve_device`, `resolve_dtype`). `max_model_len`
+        is capped by the model's context. `scheduler`: how requests are batched (the daemon
+        passes its config's section). `cpu`: how the model runs on a CPU (the defaults with the
+        environment's INFLIGHTD_CPU_* overrides when None: `inflightd.runtime.settings`)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        if scheduler_config is not None:
-            max_num_seqs = scheduler_config.max_num_seqs
-            max_num_batched_tokens = scheduler_config.max_num_batched_tokens
-            kv_policy = scheduler_config.kv_policy
-            max_model_len = scheduler_config.max_model_len
+        cpu = cpu_backend() if cpu is None else cpu
         path = resolve_model(model)
         self.model_path = path
         self.model: LlamaModel
@@ -159,19 +164,18 @@ class LLM:
 
         def start_up() -> int:
             if Path(path).is_dir():
-                self.model, self.load_stats = load_model(path, dtype, device)
+                self.model, self.load_stats = load_model(path, dtype, device, cpu=cpu)
                 self.tokenizer = Tokenizer.from_hf_dir(path)
             else:
                 gguf = open_gguf(path)
-                self.model, self.load_stats = load_model(path, dtype, device, gguf=gguf)
+                self.model, self.load_stats = load_model(path, dtype, device, gguf=gguf, cpu=cpu)
                 self.tokenizer = Tokenizer.from_gguf_reader(gguf)
                 del gguf  # releases the file mapping: the weights are copies
             warm_kernels(self.model)
-            return measure_activation_peak(self.model, max_num_batched_tokens, block_size)
+            return measure_activation_peak(self.model, scheduler.max_num_batched_tokens, block_size)
 
         peak = run_on_own_thread(start_up)
         self.max_model_len = min(max_model_len or self.model.config.max_position, self.model.config.max_position)
-        self.max_num_batched_tokens = max_num_batched_tokens
         num_blocks = plan_num_blocks(
             self.model.config, block_size, self.model.dtype, self.model.device, kv_cache_memory, peak
         )
@@ -180,24 +184,17 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
         runner: ModelRunner | ReferenceRunner
         if attention == "paged":
-            kv = PagedKVCache(self.model.config, num_blocks, block_size, self.model.dtype, self.model.device)
+            kv = PagedKVCache(self.model.config, num_blocks, block_size, self.model.dtype, self.model.device,
+                              serial_work=cpu.serial_work)
             runner = ModelRunner(self.model, kv)
         elif attention == "reference":
             runner = ReferenceRunner(self.model)
         else:
             raise ValueError(f"attention must be 'paged' or 'reference', got {attention!r}")
-        if scheduler_config is not None:
-            config = replace(scheduler_config, max_model_len=self.max_model_len)
-        else:
-            config = SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_queue_delay_ms=0.0,  # offline: every prompt is there from the start
-                max_waiting=1 << 30,
-                kv_policy=kv_policy,
-                max_model_len=self.max_model_len,
-            )
-        self.engine = Engine(runner, Scheduler(config, self.block_manager), self.tokenizer, is_fatal=is_device_error)
+        limits = RequestLimits(max_model_len=self.max_model_len, queue_timeout_s=queue_timeout_s)
+        self.engine = Engine(
+            runner, Scheduler(scheduler, self.block_manager, limits=limits), self.tokenizer, is_fatal=is_device_error
+        )
         self.engine.start()
         # Stop the engine thread when this object goes or the interpreter exits: a thread left
         # blocked inside the runtime during interpreter teardown sometimes ended the process with

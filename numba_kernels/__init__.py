@@ -1,49 +1,33 @@
 """Attention and KV-cache kernels over the paged cache, each with a numba.cuda and a CPU
-implementation behind one dispatching function (see ../shared/DESIGN.md, "Kernel entry points").
+implementation behind one dispatching function (the kernel contract: ARCHITECTURE.md).
 
 The functions here validate their arguments (ValueError naming the argument) and route by
 device: CPU tensors go to ``numba_kernels.cpu`` (``njit(parallel=True)``), CUDA tensors to
 ``numba_kernels.cuda``, imported only when a CUDA tensor first arrives so that a CPU-only
 install never imports numba.cuda.
 
-Threading (set here, at import, because both choices are fixed at first use; a user's explicit
-``NUMBA_THREADING_LAYER`` / ``OMP_WAIT_POLICY`` wins):
-- Numba's ``omp`` layer (``workqueue`` if this Numba has no OpenMP pool): an empty ``prange``
-  costs ~4 µs to launch with ``omp`` against ~50-100 µs with ``workqueue`` on this 2-core
-  machine, and a decode step launches one kernel per layer.
-- ``OMP_WAIT_POLICY=passive``: Numba's pool loads the system libgomp while torch bundles its own,
-  so two OpenMP runtimes share the cores, and by default each spins after a parallel region.
-  Alternating torch ops and kernels (``benchmarks/attention.py``, which runs them round-robin)
-  then stalled for whole scheduler slices: B=1, ctx=128 decode took 3.9 ms (best of 30) with
-  default spinning, 0.4 ms with ``GOMP_SPINCOUNT=10000`` and 0.076 ms with passive waiting.
-  Torch's runtime reads the variable when torch is first imported, so import numba_kernels
-  (or set the variable, e.g. in the service unit) before torch; Numba's runtime loads here.
-- ``GOMP_SPINCOUNT=10000``: with a bare passive policy every parallel region wakes sleeping
-  workers, ~60-110 µs on this VM, and a single-sequence decode step runs ~120 of them (one
-  quantized product per linear, ``cpu_qmatmul``) a few tens of µs apart: that made the
-  products 2x slower (``python benchmarks/qgemv.py``: 17.4 ms passive, 8.6 ms spinning).
-  A bounded spin (~0.1-0.2 ms) bridges those gaps and still lets an idle daemon sleep.
-  (Numba's omppool binds to the libgomp that torch loaded first, with global symbols, so in
-  practice one runtime serves both; the setting reaches it through torch's import.) inflightd
-  turns the spin down again for multi-token steps (inflightd/omp_spin.py).
+Threading: Numba's ``omp`` layer is chosen here, at import (``workqueue`` if this Numba has no
+OpenMP pool; a user's ``NUMBA_THREADING_LAYER`` wins): an empty ``prange`` costs ~4 µs to
+launch with ``omp`` against ~50-100 µs with ``workqueue`` on a 2-core machine, and a decode step
+launches one kernel per layer. OpenMP's wait policy and spin count are the caller's to set
+before torch loads libgomp (inflightd does, in ``inflightd.runtime.settings``, for the reasons
+given there): with two OpenMP runtimes sharing the cores (torch's and Numba's), default
+spinning stalls alternating torch ops and kernels for whole scheduler slices, and a bare
+passive policy pays a ~60-110 µs wake-up per parallel region.
 
 This package imports nothing from `inflightd`.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import weakref
+from collections.abc import Iterable
+from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch and Numba load libgomp
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-import ctypes  # noqa: E402
-import weakref  # noqa: E402
-from collections.abc import Iterable  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numba
+import numpy as np
+import torch
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     try:
@@ -174,9 +158,9 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     if k_cache.is_cuda:
         _cuda().write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
         return
-    from . import cpu
+    from . import cpu_cache
 
-    cpu.write_kv_cache(_np(key), _np(value), kc, vc, slot_mapping.numpy())
+    cpu_cache.write_kv_cache(_np(key), _np(value), kc, vc, slot_mapping.numpy())
 
 
 def _attention_args(out: Any, query: Any, k_cache: Any, v_cache: Any, block_tables: Any,
@@ -205,9 +189,11 @@ def _attention_args(out: Any, query: Any, k_cache: Any, v_cache: Any, block_tabl
 
 def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> None:
+                           context_lens: torch.Tensor, scale: float, *, serial_work: int | None = None) -> None:
     """out[i] = attention of query[i] ([num_heads, head_dim], one new token per sequence) over
-    the first context_lens[i] cached positions of sequence i (its own K/V already written)."""
+    the first context_lens[i] cached positions of sequence i (its own K/V already written).
+    `serial_work` (CPU): context positions above which the work splits over the thread pool
+    (default `cpu.SERIAL_WORK`)."""
     kc, vc = _attention_args(out, query, k_cache, v_cache, block_tables, context_lens)
     if query.shape[0] != context_lens.shape[0]:
         raise ValueError(f"query has {query.shape[0]} tokens for {context_lens.shape[0]} "
@@ -219,7 +205,8 @@ def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     from . import cpu
 
     cpu.attention(_np(out), _np(query), kc, vc, block_tables.numpy(),
-                  context_lens.numpy(), _arange(context_lens.shape[0] + 1), scale)
+                  context_lens.numpy(), _arange(context_lens.shape[0] + 1), scale,
+                  serial_work=cpu.SERIAL_WORK if serial_work is None else serial_work)
 
 
 _ARANGE: dict[int, np.ndarray] = {}
@@ -236,14 +223,15 @@ def _arange(n: int) -> np.ndarray:
 def paged_attention_prefill(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, block_tables: torch.Tensor,
                             context_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                            scale: float) -> None:
+                            scale: float, *, serial_work: int | None = None) -> None:
     """Causal attention for a chunk of new tokens per sequence.
 
     query/out [num_tokens, num_heads, head_dim]; tokens query_start_loc[i]:query_start_loc[i+1]
     are the last n_i tokens of sequence i, whose context (including them, already in the cache)
     is context_lens[i]: token j of the chunk sits at position context_lens[i] - n_i + j and
     attends to cache positions 0..that position. Serves whole prompts, chunked prefill and
-    prefix reuse; n_i may be 0 (nothing written for it), and n_i == 1 is a decode step."""
+    prefix reuse; n_i may be 0 (nothing written for it), and n_i == 1 is a decode step.
+    `serial_work` as for `paged_attention_decode`."""
     kc, vc = _attention_args(out, query, k_cache, v_cache, block_tables, context_lens)
     _index("query_start_loc", query_start_loc, 1, torch.int32, k_cache.device)
     if query_start_loc.shape[0] != context_lens.shape[0] + 1:
@@ -256,7 +244,8 @@ def paged_attention_prefill(out: torch.Tensor, query: torch.Tensor, k_cache: tor
     from . import cpu
 
     cpu.attention(_np(out), _np(query), kc, vc, block_tables.numpy(),
-                  context_lens.numpy(), query_start_loc.numpy(), scale)
+                  context_lens.numpy(), query_start_loc.numpy(), scale,
+                  serial_work=cpu.SERIAL_WORK if serial_work is None else serial_work)
 
 
 def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
@@ -271,9 +260,9 @@ def copy_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor,
     if k_cache.is_cuda:
         _cuda().copy_blocks(k_cache, v_cache, src, dst)
         return
-    from . import cpu
+    from . import cpu_cache
 
-    cpu.copy_blocks(kc, vc, src.numpy(), dst.numpy())
+    cpu_cache.copy_blocks(kc, vc, src.numpy(), dst.numpy())
 
 
 def warmup(dtypes: Iterable[torch.dtype] = (torch.float32,), device: str = "cpu") -> None:

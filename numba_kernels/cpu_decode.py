@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .cpu import _ERRORS, _LOG2E, _attention, _write_kv
+from .cpu import _ERRORS, _LOG2E, _attention
+from .cpu_cache import _write_kv
 from .cpu_ops import _rms_norm, _rope
 from .cpu_qmatmul import _qgemm
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from inflightd.engine.sampling_params import SamplingParams
 from inflightd.server.config import Config, ConfigError, load_config, parse_config, parse_memory
-from inflightd.server.protocol import ProtocolError, parse_chat, parse_completion, parse_native
+from inflightd.server.protocol import ProtocolError
+from inflightd.server.requests import parse_chat, parse_completion, parse_native
 from inflightd.server.sockets import AllowList, PeerCred, SocketInUseError, bind_unix
 
 ETC = Path(__file__).resolve().parents[1] / "etc" / "inflightd.yaml"
@@ -37,7 +39,7 @@ def test_shipped_file_is_the_defaults_and_documents_every_key() -> None:
         ("scheduler: {max_queu_delay_ms: 3}", "scheduler.max_queu_delay_ms: unknown key"),
         ("schedular: {}", "unknown section 'schedular'"),
         ("scheduler: {max_num_seqs: two}", "scheduler.max_num_seqs: must be an integer"),
-        ("scheduler: {max_num_seqs: 0}", "scheduler.max_num_seqs: must be ≥ 1"),
+        ("scheduler: {max_num_seqs: 0}", "scheduler.max_num_seqs: must be an integer ≥ 1"),
         ("scheduler: {policy: lifo}", "scheduler.policy: must be one of fcfs, priority"),
         ("scheduler: {chunked_prefill: yes please}", "scheduler.chunked_prefill: must be true or false"),
         ("kv_cache: {memory: lots}", "kv_cache.memory"),
@@ -79,7 +81,7 @@ def test_native_parser_refuses_unknown_and_wrong_types() -> None:
     with pytest.raises(ProtocolError, match="stream: must be true or false"):
         parse_native({"prompt": "x", "stream": 1})
     r = parse_native({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"], "top_k": 5})
-    assert r.stream and r.sampling == {"stop": ("\n",), "top_k": 5}
+    assert r.stream and r.params == SamplingParams(max_tokens=1, stop=("\n",), top_k=5)
 
 
 def test_openai_parsers() -> None:
@@ -88,7 +90,7 @@ def test_openai_parsers() -> None:
                     "max_completion_tokens": 7, "stop": "x", "logprobs": True, "top_logprobs": 2,
                     "user": "u", "some_future_field": 1})
     assert r.messages == [{"role": "user", "content": "ab"}] and r.max_tokens == 7 and not r.stream
-    assert r.sampling["stop"] == ("x",) and r.sampling["logprobs"] == 2
+    assert r.params.stop == ("x",) and r.params.logprobs == 2 and r.params.max_tokens == 7
     with pytest.raises(ProtocolError, match="image_url"):
         parse_chat({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
     with pytest.raises(ProtocolError, match="response_format"):
@@ -100,7 +102,7 @@ def test_openai_parsers() -> None:
     with pytest.raises(ProtocolError, match="batches"):
         parse_completion({"prompt": ["a", "b"]})
     assert parse_completion({"prompt": ["only"]}).prompt == "only"
-    assert parse_completion({"prompt": [1, 2, 3], "top_k": -1}).sampling == {"top_k": 0}
+    assert parse_completion({"prompt": [1, 2, 3], "top_k": -1}).params == SamplingParams(max_tokens=1, top_k=0)
 
 
 def test_bind_unix_mode_live_and_stale(tmp_path: Path) -> None:

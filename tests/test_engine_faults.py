@@ -24,7 +24,8 @@ from inflightd.engine.block_manager import BlockManager
 from inflightd.engine.engine import MAX_FAILED_STEPS, Engine
 from inflightd.engine.outputs import EngineOutput
 from inflightd.engine.sampling_params import SamplingParams, SamplingParamsError
-from inflightd.engine.scheduler import Scheduler, SchedulerConfig
+from inflightd.engine.scheduler import Scheduler
+from inflightd.engine.scheduler_config import RequestLimits, SchedulerConfig
 from inflightd.engine.sequence import SeqChunk
 from inflightd.runtime.model_runner import is_device_error
 from inflightd.tokenizer.tokenizer import Tokenizer
@@ -106,9 +107,10 @@ def make_engine(
     is_fatal: Callable[[BaseException], bool] = is_device_error, **cfg: object,
 ) -> Engine:
     cfg.setdefault("max_queue_delay_ms", 0)
+    limits = RequestLimits(**{k: cfg.pop(k) for k in ("max_model_len", "queue_timeout_s") if k in cfg})  # type: ignore[arg-type]
     bm = BlockManager(num_blocks, 4)
     kw = {} if clock is None else {"clock": clock}
-    sched = Scheduler(SchedulerConfig(**cfg), bm, **kw)  # type: ignore[arg-type]
+    sched = Scheduler(SchedulerConfig(**cfg), bm, limits=limits, **kw)  # type: ignore[arg-type]
     engine = Engine(runner, sched, tokenizer, is_fatal=is_fatal, **kw)  # type: ignore[arg-type]
     engine.start()
     return engine

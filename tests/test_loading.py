@@ -62,14 +62,13 @@ def test_bfloat16_weights_are_bfloat16(default_gguf: Path) -> None:
     assert stats.weight_bytes == sum(t.numel() * 2 for t in {id(t): t for t in model.weights.tensors()}.values())
 
 
-def test_float32_linears_are_stored_column_major(default_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_float32_linears_are_stored_column_major(default_gguf: Path) -> None:
     # NumPy's BLAS is faster on column-major weights at decode batch sizes; the values, shapes
     # and the embedding tie must be exactly those of the row-major load.
-    from inflightd.models import llama
+    from inflightd.models.backend import CpuBackend
 
     model, _ = load_model(default_gguf, "float32")
-    monkeypatch.setattr(llama, "CPU_COLUMN_WEIGHTS", False)
-    rows, _ = load_model(default_gguf, "float32")
+    rows, _ = load_model(default_gguf, "float32", cpu=CpuBackend(column_weights=False))
     w, r = model.weights, rows.weights
     assert w.lm_head is w.embed and r.lm_head is r.embed
     linears = [(lw.qkv, rw.qkv) for lw, rw in zip(w.layers, r.layers)]

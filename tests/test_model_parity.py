@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from inflightd import LLM, SamplingParams
-from inflightd.models.llama import ContiguousKVCache, LlamaModel
+from inflightd.models.llama import LlamaModel
 from inflightd.models.loader import _permute_qk, load_model
+from inflightd.models.reference_cache import ContiguousKVCache
 
 transformers = pytest.importorskip("transformers")
 

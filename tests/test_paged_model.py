@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from inflightd import LLM, SamplingParams
-from inflightd.engine.scheduler import RequestTooLongError
+from inflightd.engine.scheduler_config import RequestTooLongError, SchedulerConfig
 from inflightd.runtime.paged_cache import PagedKVCache
 
 PROMPTS = [
@@ -50,7 +50,8 @@ def test_paged_greedy_equals_reference(paged: LLM, reference_tokens: list[list[i
 
 def test_chunked_prefill_equals_reference(default_gguf: Path, reference_tokens: list[list[int]]) -> None:
     # a 16-token budget splits every prompt over steps, mixed with the others' decodes
-    llm = LLM(model=str(default_gguf), max_num_batched_tokens=16, max_num_seqs=8, kv_cache_memory=64 << 20)
+    llm = LLM(model=str(default_gguf), kv_cache_memory=64 << 20,
+              scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8, max_queue_delay_ms=0))
     outs = llm.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == reference_tokens
     assert llm.engine.stats.steps > 32  # one prefill step + 31 decode steps without chunking

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from inflightd.models import llama
+from inflightd.models.backend import CpuBackend
 from numba_kernels import cpu_qmatmul
 
 
@@ -92,19 +93,20 @@ def test_qgemm_refuses_x_of_the_wrong_width() -> None:
 
 
 def test_linear_uses_codes_for_a_few_tokens_only() -> None:
-    """Up to QGEMM_MAX_TOKENS tokens go through the codes (a weight whose float copy disagrees
+    """Up to qgemm_max_tokens tokens go through the codes (a weight whose float copy disagrees
     shows it), more through float32 BLAS; both agree with the float64 product where they should."""
     rng = _rng("linear")
     q, d, m = _weights(rng, 64, 128, True, 4)
     wq = llama.QuantWeight(q, d, m, 4)
     dense = torch.from_numpy(_dense(q, d, m, 4).astype(np.float32))
     bias = torch.from_numpy(rng.standard_normal(64).astype(np.float32))
-    for n in (1, llama.QGEMM_MAX_TOKENS):
+    cpu = CpuBackend()
+    for n in (1, cpu.qgemm_max_tokens):
         x = torch.from_numpy(rng.standard_normal((n, 128)).astype(np.float32))
         want = x.double() @ dense.double().T + bias.double()
-        got = llama.linear(x, dense, bias, wq)
+        got = cpu.linear(x, dense, bias, wq)
         assert float((got.double() - want).norm() / want.norm()) <= 1e-5
-        assert torch.allclose(llama.linear(x, torch.zeros_like(dense), bias, wq), got)  # the codes
-    n = llama.QGEMM_MAX_TOKENS + 1
+        assert torch.allclose(cpu.linear(x, torch.zeros_like(dense), bias, wq), got)  # the codes
+    n = cpu.qgemm_max_tokens + 1
     x = torch.from_numpy(rng.standard_normal((n, 128)).astype(np.float32))
-    assert torch.equal(llama.linear(x, torch.zeros_like(dense), None, wq), torch.zeros(n, 64))
+    assert torch.equal(cpu.linear(x, torch.zeros_like(dense), None, wq), torch.zeros(n, 64))

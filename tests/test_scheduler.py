@@ -13,13 +13,8 @@ from collections.abc import Sequence as Seq
 import pytest
 
 from inflightd.engine.block_manager import BlockManager
-from inflightd.engine.scheduler import (
-    QueueFullError,
-    RequestTooLongError,
-    Scheduler,
-    SchedulerConfig,
-    SchedulerOutput,
-)
+from inflightd.engine.scheduler import Scheduler, SchedulerOutput
+from inflightd.engine.scheduler_config import QueueFullError, RequestLimits, RequestTooLongError, SchedulerConfig
 from inflightd.engine.sequence import FinishReason, SeqChunk, Sequence, SequenceStatus
 
 VOCAB = 1000
@@ -88,8 +83,9 @@ def make(
     num_blocks: int = 64, block_size: int = 4, clock: FakeClock | None = None, **cfg: object
 ) -> tuple[Scheduler, BlockManager, FakeModel]:
     cfg.setdefault("max_queue_delay_ms", 0)
+    limits = {k: cfg.pop(k) for k in ("max_model_len", "queue_timeout_s") if k in cfg}
     bm = BlockManager(num_blocks, block_size)
-    sched = Scheduler(SchedulerConfig(**cfg), bm, clock or FakeClock())
+    sched = Scheduler(SchedulerConfig(**cfg), bm, clock or FakeClock(), RequestLimits(**limits))  # type: ignore[arg-type]
     return sched, bm, FakeModel(bm)
 
 
@@ -134,13 +130,16 @@ def kinds(out: SchedulerOutput) -> list[tuple[int, int, bool]]:
         ({"max_queue_delay_ms": float("nan")}, "max_queue_delay_ms"),
         ({"policy": "lifo"}, "policy"),
         ({"kv_policy": "swap"}, "kv_policy"),
-        ({"max_num_seqs": 64, "max_num_batched_tokens": 32}, "max_num_batched_tokens (32)"),
+        ({"max_num_seqs": 64, "max_num_batched_tokens": 32}, "max_num_batched_tokens: must be ≥ max_num_seqs (64)"),
         ({"chunked_prefill": False, "max_model_len": 4096, "max_num_batched_tokens": 2048}, "chunked_prefill"),
+        ({"max_model_len": 0}, "max_model_len"),
+        ({"queue_timeout_s": -1}, "queue_timeout_s"),
     ],
 )
 def test_config_validation(kwargs: dict[str, object], words: str) -> None:
+    limits = {k: kwargs.pop(k) for k in ("max_model_len", "queue_timeout_s") if k in kwargs}
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        SchedulerConfig(**kwargs)
+        Scheduler(SchedulerConfig(**kwargs), BlockManager(8, 4), limits=RequestLimits(**limits))  # type: ignore[arg-type]
 
 
 def test_add_refuses_too_long_and_full_queue() -> None:

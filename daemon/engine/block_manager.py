@@ -30,7 +30,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+
+from .block_keys import BlockKey, block_hash, same_prefix
 
 
 class KVCacheError(Exception):
@@ -56,43 +57,11 @@ class KVCacheIntegrityError(KVCacheError):
     """`integrity_check` found the manager's bookkeeping inconsistent (a bug, not bad input)."""
 
 
-def block_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Chain hash of a full block: depends on every token before it through `parent_hash`.
-
-    Python's tuple hash is fast and, for ints, the same in every process; collisions are
-    harmless because a hit is confirmed against the stored tokens (tests replace this function
-    with a constant). -1 stands for "no parent": `hash()` never returns it.
-    """
-    return hash((-1 if parent_hash is None else parent_hash, token_ids))
-
-
-@dataclass(frozen=True, eq=False)
-class _BlockKey:
-    """What a full block holds: its tokens and, through `parent`, every token before them.
-
-    Comparing keys (`_same_prefix`) compares the whole prefix, so a hash collision in any
-    earlier block cannot produce a false hit. Sequences reuse the key objects of the blocks they
-    hit, so the comparison usually stops at once on identity.
-    """
-
-    parent: _BlockKey | None
-    token_ids: tuple[int, ...]
-    hash: int
-
-
-def _same_prefix(a: _BlockKey | None, b: _BlockKey | None) -> bool:
-    while a is not b:  # iterative: prefixes can be thousands of blocks long
-        if a is None or b is None or a.hash != b.hash or a.token_ids != b.token_ids:
-            return False
-        a, b = a.parent, b.parent
-    return True
-
-
 @dataclass
 class _Block:
     block_id: int
     ref_count: int = 0
-    key: _BlockKey | None = None  # set while registered in the prefix cache
+    key: BlockKey | None = None  # set while registered in the prefix cache
 
 
 @dataclass
@@ -104,7 +73,7 @@ class _SeqState:
     block_table: list[int] = field(default_factory=list)
     # Key of each full reserved block, even one not registered (its hash was taken): the parent
     # of the next block's key.
-    block_keys: list[_BlockKey] = field(default_factory=list)
+    block_keys: list[BlockKey] = field(default_factory=list)
 
 
 class BlockManager:
@@ -350,14 +319,14 @@ class BlockManager:
     def _num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _match_prefix(self, token_ids: Sequence[int]) -> list[tuple[_BlockKey, int]]:
+    def _match_prefix(self, token_ids: Sequence[int]) -> list[tuple[BlockKey, int]]:
         """Leading full blocks of the prompt found in the cache, as (key, block id); at most
         (len - 1) // block_size of them, so the last token is left to compute."""
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
-        hits: list[tuple[_BlockKey, int]] = []
-        parent: _BlockKey | None = None
+        hits: list[tuple[BlockKey, int]] = []
+        parent: BlockKey | None = None
         for i in range((len(token_ids) - 1) // bs):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             h = block_hash(None if parent is None else parent.hash, tokens)
@@ -366,14 +335,14 @@ class BlockManager:
                 break
             stored = self._blocks[block_id].key
             if (stored is None or stored.token_ids != tokens
-                    or not _same_prefix(stored.parent, parent)):
+                    or not same_prefix(stored.parent, parent)):
                 break  # a hash collision: a different prefix under the same hash
             hits.append((stored, block_id))
             parent = stored
         return hits
 
     def _blocks_needed_for_prompt(
-        self, token_ids: Sequence[int], hits: list[tuple[_BlockKey, int]] | None = None
+        self, token_ids: Sequence[int], hits: list[tuple[BlockKey, int]] | None = None
     ) -> int:
         if hits is None:
             hits = self._match_prefix(token_ids)
@@ -434,7 +403,7 @@ class BlockManager:
         bs = self.block_size
         parent = state.block_keys[index - 1] if index > 0 else None
         tokens = tuple(state.token_ids[index * bs : (index + 1) * bs])
-        key = _BlockKey(parent, tokens, block_hash(None if parent is None else parent.hash, tokens))
+        key = BlockKey(parent, tokens, block_hash(None if parent is None else parent.hash, tokens))
         state.block_keys.append(key)
         if not self.enable_prefix_caching or key.hash in self._hash_to_block:
             # Same content cached already (the recomputed last block of a fully cached prompt),
@@ -471,66 +440,6 @@ class BlockManager:
     def integrity_check(self) -> None:
         """Check every bookkeeping invariant; raise `KVCacheIntegrityError` naming the first
         broken one. O(blocks + tokens): for tests and debug builds, not the step loop."""
+        from .block_integrity import check_integrity
 
-        def fail(msg: str) -> NoReturn:
-            raise KVCacheIntegrityError(msg)
-
-        bs = self.block_size
-        refs = [0] * self.num_blocks
-        for seq_id, st in self._seqs.items():
-            table = st.block_table
-            if len(set(table)) != len(table):
-                fail(f"sequence {seq_id}: duplicate block in table {table}")
-            if len(table) != self._num_blocks_for(len(st.token_ids)):
-                fail(f"sequence {seq_id}: {len(table)} blocks for {len(st.token_ids)} tokens")
-            if not (st.num_cached_tokens % bs == 0 and st.num_cached_tokens < st.num_prompt_tokens
-                    and st.num_cached_tokens <= st.num_reserved_tokens <= len(st.token_ids)):
-                fail(f"sequence {seq_id}: bad counts cached={st.num_cached_tokens} "
-                     f"reserved={st.num_reserved_tokens} tokens={len(st.token_ids)}")
-            if len(st.block_keys) != st.num_reserved_tokens // bs:
-                fail(f"sequence {seq_id}: {len(st.block_keys)} block keys for "
-                     f"{st.num_reserved_tokens} reserved tokens")
-            for i, key in enumerate(st.block_keys):
-                parent = st.block_keys[i - 1] if i > 0 else None
-                tokens = tuple(st.token_ids[i * bs : (i + 1) * bs])
-                if key.token_ids != tokens or not _same_prefix(key.parent, parent):
-                    fail(f"sequence {seq_id}: key of block {i} does not match its tokens")
-            for i, block_id in enumerate(table):
-                if not 0 <= block_id < self.num_blocks:
-                    fail(f"sequence {seq_id}: block id {block_id} out of range")
-                refs[block_id] += 1
-                stored = self._blocks[block_id].key
-                if stored is not None and (
-                    i >= len(st.block_keys) or not _same_prefix(stored, st.block_keys[i])
-                ):
-                    fail(f"sequence {seq_id}: cached block {block_id} (index {i}) holds other "
-                         "tokens, or tokens not reserved yet")
-        free_uncached, free_cached = list(self._free_uncached), list(self._free_cached)
-        if len(set(free_uncached)) != len(free_uncached):
-            fail("duplicate id in the uncached free list")
-        if set(free_uncached) & set(free_cached):
-            fail("block in both free lists")
-        uncached_set = set(free_uncached)
-        free = uncached_set | set(free_cached)
-        for block in self._blocks:
-            bid = block.block_id
-            if block.ref_count != refs[bid]:
-                fail(f"block {bid}: ref count {block.ref_count}, in {refs[bid]} block tables")
-            if (block.ref_count == 0) != (bid in free):
-                fail(f"block {bid}: ref count {block.ref_count} but free={bid in free}")
-            if bid in self._free_cached and block.key is None:
-                fail(f"block {bid}: in the cached free list without a hash")
-            if bid in uncached_set and block.key is not None:
-                fail(f"block {bid}: in the uncached free list with a hash")
-            if block.key is not None and self._hash_to_block.get(block.key.hash) != bid:
-                fail(f"block {bid}: has a hash the prefix cache does not map to it")
-        for h, bid in self._hash_to_block.items():
-            stored = self._blocks[bid].key
-            if stored is None or stored.hash != h or len(stored.token_ids) != bs:
-                fail(f"prefix cache entry {h:#x} -> block {bid} does not match the block")
-            parent_hash = None if stored.parent is None else stored.parent.hash
-            if h != block_hash(parent_hash, stored.token_ids):
-                fail(f"block {bid}: stored hash does not match its tokens")
-        for src, dst in self._pending_copies:
-            if src == dst or self._blocks[dst].ref_count == 0:
-                fail(f"pending copy {src} -> {dst} is invalid")
+        check_integrity(self)

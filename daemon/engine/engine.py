@@ -38,7 +38,8 @@ from .outputs import EngineOutput, EngineSnapshot, Sink, StepStats, Timing, Usag
 from .runner import Runner
 from .sampling import Sampler, make_generator
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .scheduler import Scheduler, SchedulerOutput
+from .scheduler_config import RequestLimits, SchedulerConfig
 from .sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)
@@ -153,9 +154,10 @@ class Engine:
             self._cond.notify()
             return True
 
-    def update_config(self, config: SchedulerConfig) -> None:
+    def update_config(self, config: SchedulerConfig, limits: RequestLimits | None = None) -> None:
+        """Live reload (from the next step); ValueError, changing nothing, when they clash."""
         with self._cond:
-            self.scheduler.update_config(config)
+            self.scheduler.update_config(config, limits)
             self._cond.notify()
 
     def snapshot(self) -> EngineSnapshot:
@@ -174,6 +176,7 @@ class Engine:
                 steps=self.stats.steps,
                 last_progress=self.last_progress,
                 config=self.scheduler.next_config,
+                limits=self.scheduler.next_limits,
             )
 
     @property
@@ -265,7 +268,7 @@ class Engine:
                 self._finish_output(r, FinishReason.ABORT)
 
     def _expire(self, expired: list[Sequence]) -> None:
-        timeout = self.scheduler.config.queue_timeout_s
+        timeout = self.scheduler.limits.queue_timeout_s
         for seq in expired:
             self.runner.release(seq.seq_id)
             r = self._requests.pop(seq.seq_id, None)
@@ -388,7 +391,7 @@ class Engine:
         text = r.text[r.emitted :]
         r.emitted = len(r.text)
         return EngineOutput(
-            r.request_id, token_ids, text, True, reason.value, usage, timing, logprobs, top, error,
+            r.request_id, token_ids, text, True, reason, usage, timing, logprobs, top, error,
             seq.num_cached_tokens, overloaded,
         )
 

@@ -8,7 +8,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .scheduler import SchedulerConfig
+from .scheduler_config import RequestLimits, SchedulerConfig
+from .sequence import FinishReason
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class EngineOutput:
     token_ids: list[int]
     text: str
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None  # strings only on the wire (`.value`)
     usage: Usage | None = None
     timing: Timing | None = None
     logprobs: list[float] | None = None
@@ -79,3 +80,4 @@ class EngineSnapshot:
     steps: int
     last_progress: float
     config: SchedulerConfig
+    limits: RequestLimits

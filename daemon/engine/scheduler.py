@@ -34,97 +34,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
-from ..checks import is_finite_number
 from .block_manager import BlockManager
+from .scheduler_config import QueueFullError, RequestLimits, RequestTooLongError, SchedulerConfig
 from .sequence import FinishReason, SeqChunk, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 
-OrderPolicy = Literal["fcfs", "priority"]
-KVPolicy = Literal["recompute", "no_evict"]
-
 # The delay window counts as over within this much of its end, so that a float rounding
 # residue never asks the engine to wait 1e-15 s (or a fake clock to loop forever).
 _CLOCK_EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Scheduling limits. Frozen: a live reload swaps the whole object (`update_config`).
-
-    - `policy`: "fcfs" orders by arrival alone; "priority" by `Sequence.priority` (lower first),
-      then arrival. Preemption victims are the last in that order.
-    - `kv_policy`: what happens when the KV cache runs out. "recompute" preempts the last
-      running sequence in policy order (frees its blocks, recomputes it later through the
-      prefix cache); "no_evict" admits a request only when its prompt + max_tokens fit beside
-      what every running sequence may still claim, so it never preempts.
-    - `max_queue_delay_ms`: when nothing runs, how long a new request may wait for companions
-      so that their prefills batch together (Triton's dynamic batcher). 0 admits at once.
-    - `queue_timeout_s`: a request still waiting for its first admission after this long is
-      taken out of the queue and reported in `SchedulerOutput.expired` (Triton's queue policy
-      with REJECT; the server answers 503). A preempted sequence never expires. 0 = no limit.
-    """
-
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_queue_delay_ms: float = 2.0
-    max_waiting: int = 512
-    chunked_prefill: bool = True
-    policy: OrderPolicy = "fcfs"
-    kv_policy: KVPolicy = "recompute"
-    max_model_len: int = 8192
-    queue_timeout_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
-        for name in ("max_queue_delay_ms", "queue_timeout_s"):
-            value = getattr(self, name)
-            if not is_finite_number(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
-        if not isinstance(self.chunked_prefill, bool):
-            raise ValueError(f"chunked_prefill must be true or false, got {self.chunked_prefill!r}")
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
-        if self.kv_policy not in ("recompute", "no_evict"):
-            raise ValueError(f"kv_policy must be 'recompute' or 'no_evict', got {self.kv_policy!r}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be ≥ max_num_seqs "
-                f"({self.max_num_seqs}): every running sequence's decode token must fit one step"
-            )
-        if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"with chunked_prefill off, max_num_batched_tokens ({self.max_num_batched_tokens}) "
-                f"must be ≥ max_model_len ({self.max_model_len}): a whole prompt must fit one step"
-            )
-
-    @property
-    def max_queue_delay_s(self) -> float:
-        return self.max_queue_delay_ms / 1000.0
-
-
-class QueueFullError(Exception):
-    """The waiting queue holds `max_waiting` requests (the server answers 503 + Retry-After)."""
-
-    def __init__(self, num_waiting: int, max_waiting: int) -> None:
-        super().__init__(f"queue full: {num_waiting} requests waiting (max_waiting = {max_waiting})")
-        self.num_waiting = num_waiting
-        self.max_waiting = max_waiting
-
-
-class RequestTooLongError(ValueError):
-    """prompt + max_tokens exceeds `max_model_len`, or could never fit the whole KV cache."""
-
-    def __init__(self, message: str, *, prompt_tokens: int, max_tokens: int, limit: int) -> None:
-        super().__init__(message)
-        self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
-        self.limit = limit  # in tokens
 
 
 @dataclass(frozen=True)
@@ -181,9 +100,13 @@ class Scheduler:
         config: SchedulerConfig,
         block_manager: BlockManager,
         clock: Callable[[], float] = time.monotonic,
+        limits: RequestLimits | None = None,
     ) -> None:
+        limits = limits or RequestLimits()
+        limits.check(config)
         self._config = config
-        self._next_config: SchedulerConfig | None = None
+        self._limits = limits
+        self._next: tuple[SchedulerConfig, RequestLimits] | None = None
         self.block_manager = block_manager
         self.clock = clock
         # Both kept sorted by _key: the head of _waiting is admitted first, the tail of
@@ -207,16 +130,30 @@ class Scheduler:
         return self._config
 
     @property
+    def limits(self) -> RequestLimits:
+        """The request limits in force."""
+        return self._limits
+
+    @property
     def next_config(self) -> SchedulerConfig:
         """The config from the next `schedule()` on: a pending `update_config`, else the one in
         force. What a reload reports as applied."""
-        return self._next_config or self._config
+        return self._next[0] if self._next is not None else self._config
 
-    def update_config(self, config: SchedulerConfig) -> None:
-        """Live reload: `config` applies from the next `schedule()`. Nothing in flight is lost:
-        running sequences beyond a lowered `max_num_seqs` keep running, queued requests beyond
-        a lowered `max_waiting` or `max_model_len` stay queued; new limits bind new requests."""
-        self._next_config = config
+    @property
+    def next_limits(self) -> RequestLimits:
+        """The request limits from the next `schedule()` on (and for `add` at once)."""
+        return self._next[1] if self._next is not None else self._limits
+
+    def update_config(self, config: SchedulerConfig, limits: RequestLimits | None = None) -> None:
+        """Live reload: `config` (and `limits`, when given) apply from the next `schedule()`;
+        raises ValueError, changing nothing, when the two do not fit together. Nothing in flight
+        is lost: running sequences beyond a lowered `max_num_seqs` keep running, queued
+        requests beyond a lowered `max_waiting` or `max_model_len` stay queued; new limits bind
+        new requests."""
+        limits = limits or self.next_limits
+        limits.check(config)
+        self._next = (config, limits)
 
     @property
     def num_waiting(self) -> int:
@@ -250,7 +187,7 @@ class Scheduler:
         `ValueError` for an empty prompt, max_tokens < 1 or a seq_id in use. Limits are those of
         the newest config, even before it is in force.
         """
-        cfg = self._next_config or self._config
+        cfg, limits = self.next_config, self.next_limits
         sid = seq.seq_id
         if sid in self._seqs or sid in self.block_manager:
             raise ValueError(f"sequence {sid} is already scheduled or still holds KV blocks")
@@ -261,12 +198,12 @@ class Scheduler:
             raise ValueError(f"sequence {sid}: empty prompt")
         if m < 1:
             raise ValueError(f"sequence {sid}: max_tokens must be ≥ 1, got {m}")
-        if n + m > cfg.max_model_len:
+        if n + m > limits.max_model_len:
             self._stats.num_rejected_too_long += 1
             raise RequestTooLongError(
                 f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} tokens exceeds the "
-                f"context limit max_model_len ({cfg.max_model_len})",
-                prompt_tokens=n, max_tokens=m, limit=cfg.max_model_len,
+                f"context limit max_model_len ({limits.max_model_len})",
+                prompt_tokens=n, max_tokens=m, limit=limits.max_model_len,
             )
         bm = self.block_manager
         capacity = bm.num_blocks * bm.block_size
@@ -323,8 +260,8 @@ class Scheduler:
         and the cache allow, subject to the delay window when nothing was running.
         """
         self._end_step()
-        if self._next_config is not None:
-            self._apply_config(self._next_config)
+        if self._next is not None:
+            self._apply_config(*self._next)
         aborted, self._aborted = self._aborted, []
         expired = self._expire()
         chunks: list[SeqChunk] = []
@@ -387,8 +324,8 @@ class Scheduler:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_manager.block_size)
 
-    def _apply_config(self, config: SchedulerConfig) -> None:
-        old, self._config, self._next_config = self._config, config, None
+    def _apply_config(self, config: SchedulerConfig, limits: RequestLimits) -> None:
+        old, self._config, self._limits, self._next = self._config, config, limits, None
         if config.policy != old.policy:
             self._waiting.sort(key=self._key)
             self._running.sort(key=self._key)
@@ -409,7 +346,7 @@ class Scheduler:
 
     def _expire(self) -> list[Sequence]:
         """Take out the never-admitted sequences that waited past `queue_timeout_s`."""
-        timeout = self._config.queue_timeout_s
+        timeout = self._limits.queue_timeout_s
         if timeout <= 0 or not self._waiting:
             return []
         deadline = self.clock() - timeout

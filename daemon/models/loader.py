@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import llama
+from .backend import CpuBackend
 from .config import ModelConfig, ModelConfigError
 from .gguf_file import GGUFFile
 from .llama import LayerWeights, LlamaModel, LlamaWeights, QuantWeight
@@ -58,7 +58,9 @@ def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _assemble(config: ModelConfig, get: GetTensor, dtype: torch.dtype, device: torch.device) -> LlamaWeights:
+def _assemble(
+    config: ModelConfig, get: GetTensor, dtype: torch.dtype, device: torch.device, cpu: CpuBackend
+) -> LlamaWeights:
     def need(name: str) -> torch.Tensor:
         t = get(name, dtype)
         if t is None:
@@ -105,7 +107,7 @@ def _assemble(config: ModelConfig, get: GetTensor, dtype: torch.dtype, device: t
         lm_head=lm_head,
         rope_freq_factors=None if factors is None else factors.to(device),
     )
-    llama.column_major_weights(weights)
+    cpu.column_major_weights(weights)
     return weights
 
 
@@ -119,8 +121,10 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
 
 
 def load_gguf(
-    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, gguf: GGUFFile | None = None
+    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, gguf: GGUFFile | None = None,
+    cpu: CpuBackend | None = None,
 ) -> tuple[ModelConfig, LlamaWeights]:
+    cpu = cpu or CpuBackend()
     from .dequant import dequantize
 
     if gguf is None:
@@ -144,15 +148,15 @@ def load_gguf(
             out = _unpermute_qk(out, config.num_kv_heads)
         return out
 
-    weights = _assemble(config, get, dtype, device)
-    if dtype == torch.float32 and device.type == "cpu" and llama.CPU_QGEMV:
+    weights = _assemble(config, get, dtype, device, cpu)
+    if dtype == torch.float32 and device.type == "cpu" and cpu.qgemv:
         _attach_block_codes(config, weights, tensors, permute)
     return config, weights
 
 
 def _attach_block_codes(config: ModelConfig, weights: LlamaWeights, tensors: dict[str, Any], permute: bool) -> None:
     """Keep each linear's GGUF block codes beside its float32 copy where the checkpoint is in a
-    32-element block type (llama.linear uses them for products of a few tokens). All or nothing per
+    32-element block type (CpuBackend.linear uses them for products of a few tokens). All or nothing per
     fused weight: q, k and v (or gate and up) must all have codes."""
     from .dequant import BlockCodes, block_codes
 
@@ -252,7 +256,7 @@ class SafetensorsFile:
 
 
 def load_hf_dir(
-    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device
+    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, cpu: CpuBackend | None = None
 ) -> tuple[ModelConfig, LlamaWeights]:
     root = Path(path)
     try:
@@ -274,7 +278,7 @@ def load_hf_dir(
         hit = index.get(name)
         return None if hit is None else hit[0].tensor(hit[1], want)
 
-    return config, _assemble(config, get, dtype, device)
+    return config, _assemble(config, get, dtype, device, cpu or CpuBackend())
 
 
 def load_model(
@@ -283,9 +287,12 @@ def load_model(
     device: str = "cpu",
     *,
     gguf: GGUFFile | None = None,
+    cpu: CpuBackend | None = None,
 ) -> tuple[LlamaModel, LoadStats]:
     """A .gguf file (optionally already opened with `open_gguf`) or a Hugging Face folder →
-    a ready model, with how long it took."""
+    a ready model, with how long it took. `cpu`: how it runs on a CPU (default settings when
+    None)."""
+    cpu = cpu or CpuBackend()
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ModelConfigError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -294,12 +301,12 @@ def load_model(
     p = Path(path)
     t0 = time.perf_counter()
     if p.is_dir():
-        config, weights = load_hf_dir(p, dtype, dev)
+        config, weights = load_hf_dir(p, dtype, dev, cpu)
     elif p.is_file():
-        config, weights = load_gguf(p, dtype, dev, gguf)
+        config, weights = load_gguf(p, dtype, dev, gguf, cpu)
     else:
         raise ModelLoadError(f"{p}: no such model file or folder")
-    model = LlamaModel(config, weights)
+    model = LlamaModel(config, weights, cpu)
     stats = LoadStats(time.perf_counter() - t0, weights.num_bytes(), str(p))
     log.info(
         "loaded %s (%s, %d layers, %.1f MB of %s weights) in %.2f s",

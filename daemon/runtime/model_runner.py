@@ -15,7 +15,8 @@ import psutil
 import torch
 
 from ..engine.sequence import SeqChunk
-from ..models.llama import ContiguousKVCache, LlamaModel, uses_codes
+from ..models.llama import LlamaModel
+from ..models.reference_cache import ContiguousKVCache
 from .omp_spin import SpinGovernor
 from .paged_cache import PagedKVCache, PagedStep, peak_rss, reset_peak_rss
 
@@ -46,7 +47,7 @@ class ModelRunner:
         # every other step throttles them (see omp_spin). CPU only: a GPU step launches no OpenMP regions.
         self._omp = SpinGovernor() if self.device.type == "cpu" else None
         self._codes = model.weights.lm_head_q is not None
-        # Decode steps of up to QGEMM_MAX_TOKENS sequences run each layer as one Numba call
+        # Decode steps of up to `cpu.qgemm_max_tokens` sequences run each layer as one Numba call
         # (LlamaModel.decode_tokens) over numpy views of the cache, made once here.
         self._caches_np: list[tuple[np.ndarray, np.ndarray]] | None = None
         if kv.dtype == torch.float32 and kv.device.type == "cpu" and model.one_token_layers():
@@ -99,7 +100,7 @@ class ModelRunner:
         `copies`: copy-on-write block copies (src, dst) to perform before any cache write."""
         if copies:
             self.kv.copy_blocks([s for s, _ in copies], [d for _, d in copies])
-        codes = self._codes and uses_codes(sum(len(c.token_ids) for c in chunks))
+        codes = self._codes and self.model.cpu.uses_codes(sum(len(c.token_ids) for c in chunks))
         if self._omp is not None:
             if codes:
                 self._omp.spin()

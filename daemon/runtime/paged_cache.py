@@ -41,8 +41,11 @@ class PagedStep:
 
 class PagedKVCache:
     def __init__(
-        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str,
+        serial_work: int | None = None,
     ) -> None:
+        """`serial_work`: CPU attention over more context positions splits over the thread pool
+        (`CpuBackend.serial_work`; the kernels' default when None)."""
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.config = config
@@ -50,6 +53,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.dtype = dtype
         self.device = torch.device(device)
+        self.serial_work = serial_work
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # torch.empty: pages are only committed as blocks get written, so a large `auto` cache
         # costs address space, not resident memory, until it fills.
@@ -73,10 +77,12 @@ class PagedKVCache:
         out = torch.empty_like(q)
         scale = self.config.attn_scale
         if step.decode_only:
-            numba_kernels.paged_attention_decode(out, q, kc, vc, step.block_tables, step.context_lens, scale)
+            numba_kernels.paged_attention_decode(out, q, kc, vc, step.block_tables, step.context_lens, scale,
+                                                 serial_work=self.serial_work)
         else:
             numba_kernels.paged_attention_prefill(
-                out, q, kc, vc, step.block_tables, step.context_lens, step.query_start_loc, scale
+                out, q, kc, vc, step.block_tables, step.context_lens, step.query_start_loc, scale,
+                serial_work=self.serial_work,
             )
         return out
 

@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
+from ..engine.sequence import FinishReason
 from . import openai_routes as openai_api
 from .http_io import ALLOW, RELOAD, SERVICE, finish, output_error, prepare, read_body, read_json, send
 from .metrics import CONTENT_TYPE as METRICS_TYPE
@@ -27,16 +28,16 @@ from .protocol import (
     MSGPACK_TYPES,
     NATIVE_STREAM_TYPE,
     ProtocolError,
-    decode_msgpack,
     error_body,
     native_delta,
     native_end,
     native_error,
     native_start,
-    parse_native,
 )
-from .service import Prepared, ReloadResult, Service
+from .requests import decode_msgpack, parse_native
+from .service import ReloadResult, Service
 from .sockets import AllowList, peer_cred
+from .streams import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def _native_final(o: Any) -> dict[str, Any]:
         return native_error(500, o.error)
     u, t = o.usage, o.timing
     return native_end(
-        o.finish_reason or "abort",
+        (o.finish_reason or FinishReason.ABORT).value,
         {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "cached_tokens": u.cached_tokens},
         {"queue_ms": round(t.queue_ms, 3), "ttft_ms": round(t.ttft_ms, 3), "tpot_ms": round(t.tpot_ms, 3)},
     )
@@ -192,7 +193,7 @@ async def tokenize(request: web.Request) -> web.Response:
         raise ProtocolError(400, "add_special_tokens: must be true or false", param="add_special_tokens")
     loop = asyncio.get_running_loop()
     ids = await loop.run_in_executor(None, lambda: service.llm.tokenizer.encode(text, add_special_tokens=special))
-    limit = service.engine.scheduler.config.max_model_len
+    limit = service.engine.scheduler.next_limits.max_model_len
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": limit})
 
 

@@ -6,7 +6,7 @@ the same default; unknown keys are errors, not silently ignored, so that a typo 
 reported instead of quietly keeping the old value.
 
 Live keys (applied at the next engine step on SIGHUP / `inflightd reload`): every key of the
-sections in `LIVE_SECTIONS` but those in `RESTART_KEYS`. The others (model, listen, kv_cache)
+sections in `LIVE_SECTIONS` but those in `RESTART_KEYS`. The others (model, listen, kv_cache, runtime)
 shape what was built at start: a reload that changes them reports them as needing a restart and
 keeps the running values.
 
@@ -25,6 +25,8 @@ from typing import Any, Literal, TypeVar, cast, get_args, get_origin, get_type_h
 import yaml
 
 from ..checks import is_finite_number
+from ..engine.scheduler_config import SchedulerConfig
+from ..models.backend import CpuBackend
 
 LIVE_SECTIONS = ("scheduler", "limits", "slo", "cost", "log")
 # Keys of live sections that only a restart changes: aiohttp fixes them per listener at start.
@@ -51,17 +53,6 @@ class ListenSection:
     tcp: str | None = None  # "127.0.0.1:8000": also serve TCP on loopback (no peer credentials there)
     allow_uids: tuple[int, ...] = ()  # besides the daemon's own uid and root
     allow_groups: tuple[str | int, ...] = ()  # names or gids, besides the socket file's group
-
-
-@dataclass(frozen=True)
-class SchedulerSection:
-    max_queue_delay_ms: float = 2.0
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_waiting: int = 512
-    chunked_prefill: bool = True
-    policy: Literal["fcfs", "priority"] = "fcfs"
-    kv_policy: Literal["recompute", "no_evict"] = "recompute"
 
 
 @dataclass(frozen=True)
@@ -106,12 +97,13 @@ class LogSection:
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     listen: ListenSection = field(default_factory=ListenSection)
-    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_cache: KVCacheSection = field(default_factory=KVCacheSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     slo: SloSection = field(default_factory=SloSection)
     cost: CostSection = field(default_factory=CostSection)
     log: LogSection = field(default_factory=LogSection)
+    runtime: CpuBackend = field(default_factory=CpuBackend)
     source: str | None = field(default=None, compare=False)  # the file it came from
 
     def diff(self, other: Config) -> tuple[list[str], list[str]]:
@@ -228,6 +220,10 @@ def _section(cls: type[_S], data: object, where: str) -> _S:
     try:
         return cast(_S, cls(**values))
     except (TypeError, ValueError) as e:
+        # the section's own checks say "key: why (got value)": name the key in full
+        key, sep, why = str(e).partition(": ")
+        if sep and key in names:
+            raise ConfigError(f"{where}.{key}: {why}") from None
         raise ConfigError(f"{where}: {e}") from None
 
 
@@ -284,10 +280,7 @@ def _check(c: Config, source: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: {key}: {why}; got {_shown(value)}")
 
-    s = c.scheduler
-    need(s.max_queue_delay_ms >= 0, "scheduler.max_queue_delay_ms", "must be ≥ 0", s.max_queue_delay_ms)
-    for key in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
-        need(getattr(s, key) >= 1, f"scheduler.{key}", "must be ≥ 1", getattr(s, key))
+    s = c.scheduler  # its own ranges and rules are checked by SchedulerConfig
     k = c.kv_cache
     need(k.block_size in (8, 16, 32, 64, 128), "kv_cache.block_size", "must be 8, 16, 32, 64 or 128", k.block_size)
     if isinstance(k.memory, str) and k.memory != "auto":
@@ -305,13 +298,6 @@ def _check(c: Config, source: str) -> None:
     for key in ("drain_timeout_s", "queue_timeout_s"):
         need(getattr(lim, key) >= 0, f"limits.{key}", "must be ≥ 0", getattr(lim, key))
     need(lim.max_connections >= 1, "limits.max_connections", "must be ≥ 1", lim.max_connections)
-    need(
-        s.max_num_batched_tokens >= s.max_num_seqs,
-        "scheduler.max_num_batched_tokens",
-        f"must be ≥ scheduler.max_num_seqs ({s.max_num_seqs}): every running sequence's decode token "
-        "must fit one step",
-        s.max_num_batched_tokens,
-    )
     if not s.chunked_prefill:
         need(
             s.max_num_batched_tokens >= lim.max_model_len,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from ..runtime.settings import apply_omp_environment, cpu_backend
 from . import systemd
 from .app import build_app, limit_connections
 from .config import Config, ConfigError, default_socket_path, load_config, parse_tcp
@@ -219,7 +220,9 @@ def main(config_path: str | None, socket_path: str | None, model: str | None, de
         config_path = os.path.abspath(config_path)  # reloads must find it whatever the cwd becomes
     try:
         config = load_config(config_path)
-    except ConfigError as e:
+        # before anything loads torch: libgomp reads these once
+        apply_omp_environment(cpu_backend(config.runtime))
+    except (ConfigError, ValueError) as e:
         print(f"inflightd serve: {e}", file=sys.stderr)
         return 2
     logging.getLogger("inflightd").setLevel(config.log.level.upper())

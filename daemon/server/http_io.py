@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .protocol import GenerateRequest, ProtocolError, decode_json
-from .service import Prepared, ReloadResult, Service
+from .protocol import ProtocolError
+from .requests import GenerateRequest, decode_json
+from .service import ReloadResult, Service
 from .sockets import AllowList
+from .streams import Prepared
 
 if TYPE_CHECKING:
     from ..engine.outputs import EngineOutput

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..engine.outputs import EngineSnapshot
+from ..engine.sequence import FinishReason
 
 P = "inflightd:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -78,15 +79,15 @@ class Metrics:
             P + "request_rejected", "Requests refused before reaching the engine, by HTTP status.", ["status"],
             registry=r,
         )
-        for reason in ("stop", "length", "abort"):
-            self.requests.labels(reason)
+        for reason in FinishReason:
+            self.requests.labels(reason.value)
         r.register(_EngineCollector(snapshot))
 
     def observe_end(
-        self, finish_reason: str, prompt_tokens: int, completion_tokens: int, ttft_ms: float, tpot_ms: float,
+        self, finish_reason: FinishReason, prompt_tokens: int, completion_tokens: int, ttft_ms: float, tpot_ms: float,
         queue_ms: float, e2e_s: float,
     ) -> None:
-        self.requests.labels(finish_reason).inc()
+        self.requests.labels(finish_reason.value).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
         if completion_tokens > 0:
@@ -98,7 +99,7 @@ class Metrics:
 
     def observe_abort(self, prompt_tokens: int, completion_tokens: int) -> None:
         """A request its client abandoned: no timing, but its tokens were spent."""
-        self.requests.labels("abort").inc()
+        self.requests.labels(FinishReason.ABORT.value).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(completion_tokens)
 

