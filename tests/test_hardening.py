@@ -168,13 +168,16 @@ def test_messages_name_the_problem(d: Daemon) -> None:
     assert r.status == 400 and "messages[0].role" in error(r) and "wizard" in error(r)
     r = d.request("POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
     assert r.status == 400 and "messages[0].role" in error(r)
+    for role in ([], {}, 3):  # found by tests/test_fuzz.py: an unhashable role was a 500
+        r = d.request("POST", "/v1/chat/completions", {"messages": [{"role": role, "content": "hi"}]})
+        assert r.status == 400 and "messages[0].role" in error(r)
     r = native(d, {"prompt": "x", "stop_token_ids": [10**6]})
     assert r.status == 400 and error(r).startswith("stop_token_ids:") and "vocabulary" in error(r)
     r = native(d, {"prompt": "x", "stop": [f"s{i}" for i in range(17)]})
     assert r.status == 400 and error(r).startswith("stop: at most 16")
     r = d.request("POST", "/v1/chat/completions", {"messages": CHAT, "stop": [f"s{i}" for i in range(17)]})
     assert r.status == 400 and error(r).startswith("stop: at most 16")
-    for ctype in ("text/plain", "application/json", None):
+    for ctype in ("text/plain", "application/json", None, "application/msgpack\xff"):
         headers = {"Content-Type": ctype} if ctype else {}
         r = d.request("POST", "/v1/generate", msgpack.packb({"prompt": "x", "max_tokens": 1}), headers=headers)
         assert r.status == 415 and "msgpack" in error(r), (ctype, r.body)

@@ -98,8 +98,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if ctype not in MSGPACK_TYPES:
-        raise ProtocolError(415, f"the body must be msgpack (Content-Type: {MSGPACK_TYPE}), got "
-                            f"{ctype or 'no Content-Type'}", "unsupported_media_type")
+        shown = ascii(ctype) if ctype else "no Content-Type"  # header bytes need not be text
+        raise ProtocolError(415, f"the body must be msgpack (Content-Type: {MSGPACK_TYPE}), got {shown}",
+                            "unsupported_media_type")
     req = parse_native(decode_msgpack(await read_body(request)))
     p = await prepare(service, req)
     stream = service.submit(p)

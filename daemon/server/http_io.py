@@ -62,13 +62,15 @@ async def read_json(request: web.Request) -> Any:
 
 
 async def send(request: web.Request, resp: web.StreamResponse, data: bytes) -> bool:
-    """Write part of a streamed response. False when the client took none of it within
-    `limits.write_timeout_s`: the connection is then cut (its buffer would never drain) and the
-    caller ends the request, which frees its KV blocks."""
+    """Write part of a streamed response. False when the client is gone, or took none of it
+    within `limits.write_timeout_s` (the connection is then cut: its buffer would never drain);
+    the caller then ends the request, which frees its KV blocks."""
     timeout = request.app[SERVICE].config.limits.write_timeout_s
     try:
         await asyncio.wait_for(resp.write(data), timeout)
         return True
+    except ConnectionResetError:  # the client left between two writes (aiohttp's ClientConnectionResetError)
+        return False
     except asyncio.TimeoutError:
         log.warning("client of %s read nothing for %g s (limits.write_timeout_s): dropped", request.path, timeout)
         if request.transport is not None:
@@ -81,6 +83,8 @@ async def finish(request: web.Request, resp: web.StreamResponse) -> None:
     timeout = request.app[SERVICE].config.limits.write_timeout_s
     try:
         await asyncio.wait_for(resp.write_eof(), timeout)
+    except ConnectionResetError:
+        pass  # the client left after the last output: nothing is owed to it
     except asyncio.TimeoutError:
         if request.transport is not None:
             request.transport.abort()

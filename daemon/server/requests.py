@@ -185,7 +185,7 @@ def _messages(v: object, key: str = "messages") -> list[dict[str, Any]]:
         role = m.get("role")
         if role in ("tool", "function") or m.get("tool_calls"):
             raise ProtocolError(400, f"{where}: tool calls are not supported", param=where)
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}", role)
         if role == "developer":
             role = "system"
