@@ -23,7 +23,7 @@ import os
 
 # As the daemon runs its multi-token steps (numba_kernels sets the policy too, but torch is
 # imported first here): workers sleep after a region (inflightd throttles libgomp's spin for
-# every step but single-token ones, see inflightd/omp_spin.py).
+# every step but single-token ones, see inflightd/runtime/omp_spin.py).
 if "--interleave" not in " ".join(__import__("sys").argv):
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     os.environ.setdefault("GOMP_SPINCOUNT", "0")

@@ -31,7 +31,7 @@ rss0 = psutil.Process().memory_info().rss
 from inflightd.store.store import resolve_model
 from inflightd.llm import run_on_own_thread
 # The load alone, for its peak RSS; on a thread that exits, as LLM does: an OpenMP pool left on
-# this thread would throttle the engine thread's spin (inflightd/omp_spin.py).
+# this thread would throttle the engine thread's spin (inflightd/runtime/omp_spin.py).
 run_on_own_thread(lambda: load_model(resolve_model(model), dtype))
 peak = peak_rss()  # VmHWM: ru_maxrss would carry the parent's peak over fork+exec
 import gc; gc.collect()

@@ -39,7 +39,7 @@ def child(method: str, reps: int, tokens: list[int]) -> None:
     import numba_kernels
     from inflightd.llm import run_on_own_thread
     from inflightd.models import llama
-    from inflightd.models.backend import qgemm
+    from inflightd.models.cpu_paths import qgemm
     from inflightd.models.loader import load_model
     from inflightd.store.store import resolve_model
 

@@ -27,7 +27,7 @@ import inflightd.models.llama as llama
 import numba_kernels
 from inflightd import LLM, SamplingParams
 from inflightd.engine.scheduler_config import SchedulerConfig
-from inflightd.models.backend import CpuBackend
+from inflightd.models.cpu_paths import CpuPaths
 
 acc: collections.Counter[str] = collections.Counter()
 
@@ -51,8 +51,8 @@ def main() -> None:
     ap.add_argument("--layer-calls", action="store_true", help="one-token steps through the ordinary forward")
     args = ap.parse_args()
     # what the forward looks up at call time: the CPU backend's methods, module-level functions
-    CpuBackend.linear = timed("linear", CpuBackend.linear)  # type: ignore[method-assign]
-    CpuBackend.rms_norm = timed("rms_norm", CpuBackend.rms_norm)  # type: ignore[method-assign]
+    CpuPaths.linear = timed("linear", CpuPaths.linear)  # type: ignore[method-assign]
+    CpuPaths.rms_norm = timed("rms_norm", CpuPaths.rms_norm)  # type: ignore[method-assign]
     llama.apply_rope = timed("rope", llama.apply_rope)  # type: ignore[assignment]
     llama.cpu_ops.rope_ = timed("rope", llama.cpu_ops.rope_)  # type: ignore[assignment]  # fused path
     for name in ("write_kv_cache", "paged_attention_decode", "paged_attention_prefill"):

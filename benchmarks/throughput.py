@@ -46,7 +46,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# inflightd's OpenMP settings (passive waiting after a bounded spin, see inflightd/__init__.py)
+# inflightd's OpenMP settings (passive waiting after a bounded spin, see inflightd/runtime/settings.py)
 # are read when torch loads, so they are set before torch is imported (inflightd does the same
 # at import; a user's setting wins). The transformers baselines run in a child process with the
 # runtime's defaults, as transformers users run it.

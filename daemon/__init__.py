@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 # defaults (a short spin, then sleep: runtime.settings, models.backend) are set here, before any
 # module of the package imports torch; `inflightd serve` applies its config file's values the
 # same way before it loads the model. A variable set by the user wins.
-from .runtime.settings import apply_omp_environment, cpu_backend  # noqa: E402
+from .runtime.settings import apply_omp_environment, cpu_settings  # noqa: E402
 
-apply_omp_environment(cpu_backend())
+apply_omp_environment(cpu_settings())
 
 if TYPE_CHECKING:
     from .engine.sampling_params import SamplingParams

@@ -27,12 +27,12 @@ from .engine.sampling_params import SamplingParams
 from .engine.scheduler import Scheduler
 from .engine.scheduler_config import RequestLimits, SchedulerConfig
 from .engine.sequence import FinishReason
-from .models.backend import CpuBackend
+from .models.cpu_settings import CpuSettings
 from .models.llama import LlamaModel
 from .models.loader import LoadStats, load_model, open_gguf
 from .runtime.model_runner import ModelRunner, ReferenceRunner, is_device_error, measure_activation_peak
 from .runtime.paged_cache import PagedKVCache, plan_num_blocks
-from .runtime.settings import cpu_backend
+from .runtime.settings import cpu_settings
 from .store.store import resolve_model
 from .tokenizer.chat_template import ChatTemplate
 from .tokenizer.tokenizer import Tokenizer
@@ -146,7 +146,7 @@ class LLM:
         prefix_caching: bool = True,
         scheduler: SchedulerConfig = OFFLINE_SCHEDULER,
         queue_timeout_s: float = 0.0,
-        cpu: CpuBackend | None = None,
+        cpu: CpuSettings | None = None,
     ) -> None:
         """`attention`: "paged" (the paged cache and Numba kernels, as the daemon runs) or
         "reference" (contiguous per-sequence buffers and torch SDPA, the oracle for tests).
@@ -156,7 +156,7 @@ class LLM:
         environment's INFLIGHTD_CPU_* overrides when None: `inflightd.runtime.settings`)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        cpu = cpu_backend() if cpu is None else cpu
+        cpu = cpu_settings() if cpu is None else cpu
         path = resolve_model(model)
         self.model_path = path
         self.model: LlamaModel

@@ -23,7 +23,7 @@ from .cpu_qmatmul import _qgemm
 # Returned for a slot outside the cache (attention errors are cpu._ERRORS codes, all > 0).
 _BAD_SLOT = -1
 # Context positions above which attention splits over the pool (cpu.SERIAL_WORK for other
-# steps): these steps run with OpenMP's workers spinning (inflightd/omp_spin.py), so a
+# steps): these steps run with OpenMP's workers spinning (inflightd/runtime/omp_spin.py), so a
 # parallel region costs a few µs, not a wake-up. `python benchmarks/decode_context.py`
 # (medians): a token at context 1000 took 10.8 ms against 13.2 with cpu.SERIAL_WORK (1024),
 # at 512 9.0 against 10.2, at 128 7.2 against 7.7.

@@ -1,4 +1,4 @@
-"""numba.cuda implementations of the kernel entry points (see DESIGN.md, "Kernel entry points"):
+"""numba.cuda implementations of the kernel entry points (the kernel contract: ARCHITECTURE.md):
 torch CUDA tensors in, launched on torch's current stream. The kernels themselves and the design
 notes (v1/v2 partitions, shared-memory layout, bf16 as int16 bits) are in `cuda_kernels`.
 

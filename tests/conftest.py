@@ -32,3 +32,16 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path):  # noq
     yield d
     rc = d.stop()
     assert rc == 0, f"daemon exited {rc}; log:\n{d.log()}"
+
+
+# Fixtures that load the default model (directly, or through a daemon that does).
+_MODEL_FIXTURES = frozenset({"default_gguf", "daemon"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """setup.cfg's rule, kept: a test that loads the default model is marked `slow`, so that
+    `-m "not slow"` is a quick run that needs no model."""
+    unmarked = [item.nodeid for item in items
+                if _MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that load the default model must be marked slow:\n  " + "\n  ".join(unmarked))

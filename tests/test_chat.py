@@ -57,6 +57,7 @@ def _command(child: pexpect.spawn, line: str) -> str:
     return out.split("\n", 1)[1] if "\n" in out else ""
 
 
+@pytest.mark.slow
 def test_chat_streams_cancels_and_follows_up(chat: pexpect.spawn, daemon: Daemon, tmp_path: Path) -> None:
     assert "SmolLM2-135M-Instruct" in str(chat.before)
     assert _command(chat, "/set max_tokens 24") == "max_tokens = 24\n"

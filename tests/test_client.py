@@ -165,6 +165,7 @@ def test_no_daemon_cli(command: list[str], tmp_path: Path, stale_socket: str) ->
 
 
 # ------------------------------------------------------------------------------ real daemon
+@pytest.mark.slow
 def test_complete_streams_the_greedy_answer(daemon: Daemon) -> None:
     prompt = "The capital of France is"
     want = daemon.request("POST", "/v1/generate", {"prompt": prompt, "max_tokens": 8, "temperature": 0.0,
@@ -177,6 +178,7 @@ def test_complete_streams_the_greedy_answer(daemon: Daemon) -> None:
                      r"queue [\d.]+ ms, ttft [\d.]+ ms, tpot [\d.]+ ms", proc.stderr), proc.stderr
 
 
+@pytest.mark.slow
 def test_complete_chat_and_stdin(daemon: Daemon) -> None:
     question = "What is the capital of France?"
     want = daemon.request("POST", "/v1/generate", {
@@ -188,6 +190,7 @@ def test_complete_chat_and_stdin(daemon: Daemon) -> None:
     assert proc.stdout == want["text"] and "Paris" in proc.stdout
 
 
+@pytest.mark.slow
 def test_complete_reports_the_daemons_refusal(daemon: Daemon) -> None:
     proc = _cli("complete", "hello", "--socket", daemon.socket_path, "--max-tokens", "1000000")
     assert proc.returncode == 1
@@ -195,6 +198,7 @@ def test_complete_reports_the_daemons_refusal(daemon: Daemon) -> None:
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_status(daemon: Daemon) -> None:
     proc = _cli("status", "--socket", daemon.socket_path)
     assert proc.returncode == 0, proc.stderr
@@ -213,6 +217,7 @@ def test_status(daemon: Daemon) -> None:
     assert st["config_file"] == str(daemon.config_path) and st["kv_blocks_total"] > 0
 
 
+@pytest.mark.slow
 def test_reload(daemon: Daemon) -> None:
     original = daemon.config_path.read_text()
     proc = _cli("reload", "--socket", daemon.socket_path)
@@ -235,6 +240,7 @@ def test_reload(daemon: Daemon) -> None:
 
 
 # ---------------------------------------------------------------------------------- the API
+@pytest.mark.slow
 def test_api_errors_are_typed(daemon: Daemon) -> None:
     c = Client(daemon.socket_path)
     assert c.health() == {"status": "ok"}
@@ -244,6 +250,7 @@ def test_api_errors_are_typed(daemon: Daemon) -> None:
     assert "'max_tokenz': unknown key" in info.value.message
 
 
+@pytest.mark.slow
 def test_closing_a_stream_aborts_the_request(daemon: Daemon) -> None:
     c = Client(daemon.socket_path)
     frames = c.generate_stream({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0.0,

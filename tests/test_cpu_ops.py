@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inflightd.models import llama
-from inflightd.models.backend import CpuBackend
+from inflightd.models.cpu_paths import CpuPaths
 from numba_kernels import cpu_ops
 
 
@@ -29,7 +29,7 @@ def test_rms_norm_matches_float64(tokens: int, hidden: int) -> None:
     got = torch.from_numpy(cpu_ops.rms_norm(x.numpy(), w.numpy(), eps))
     assert float((got.double() - ref).norm() / ref.norm()) <= 1e-6
     # The model's entry point takes this path for small batches, and torch's beyond it.
-    assert torch.equal(CpuBackend().rms_norm(x, w, eps), got)
+    assert torch.equal(CpuPaths().rms_norm(x, w, eps), got)
 
 
 def test_rms_norm_strided_rows() -> None:

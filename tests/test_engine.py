@@ -13,6 +13,8 @@ from inflightd import LLM, SamplingParams
 from inflightd.engine.outputs import EngineOutput
 from inflightd.runtime.paged_cache import PagedKVCache
 
+pytestmark = pytest.mark.slow  # loads the default model
+
 TOPICS = ["the moon", "a red bicycle", "prime numbers", "the ocean", "Python decorators", "coffee",
           "a lighthouse", "winter", "chess openings", "volcanoes", "the printing press", "bees",
           "jazz music", "black holes", "bread baking", "the Roman empire"]

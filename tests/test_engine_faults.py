@@ -30,6 +30,8 @@ from inflightd.engine.sequence import SeqChunk
 from inflightd.runtime.model_runner import is_device_error
 from inflightd.tokenizer.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # loads the default model
+
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 

@@ -6,8 +6,8 @@ values, truncated or padded encodings and bodies nested 100,000 levels deep; `pa
 valid requests with fields mutated: wrong types, integers such as 10**400, -2**63-1 and 2**64,
 nan/inf/1e-308/1e308, strings of thousands of characters, nested containers, unknown keys, odd
 roles and content parts, lists of many stop strings, logit_bias keys of thousands of digits. Each
-must return or raise `ProtocolError` with status 400, and an accepted request must build
-`SamplingParams` (and pass `check_vocab`) or raise `SamplingParamsError`: any other exception is a
+must return or raise `ProtocolError` with status 400, and an accepted request carries its checked
+`SamplingParams`, which passes `check_vocab` or raises `SamplingParamsError`: any other exception is a
 500 in the daemon.
 
 Over a real daemon (slow): one `inflightd serve` with tiny limits (3 tokens by default, a
@@ -51,20 +51,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inflightd.checks import is_int
-from inflightd.protocol import (
+from inflightd.engine.sampling_params import SEED_MAX, SEED_MIN, SamplingParams, SamplingParamsError
+from inflightd.server.protocol import NATIVE_STREAM_TYPE, ProtocolError
+from inflightd.server.requests import (
     MAX_DEPTH,
     MAX_STOP,
-    NATIVE_STREAM_TYPE,
     ROLES,
     GenerateRequest,
-    ProtocolError,
     decode_json,
     decode_msgpack,
     parse_chat,
     parse_completion,
     parse_native,
 )
-from inflightd.sampling_params import SEED_MAX, SEED_MIN, SamplingParams, SamplingParamsError
 
 # Hypothesis warns when it describes a strategy that holds the 100 kB bodies and 4300-digit
 # integers below; sampled_from still beats hiding them behind a map, which would show a
@@ -419,9 +418,10 @@ def check_accepted(req: GenerateRequest) -> None:
         assert m["role"] in ROLES - {"developer"} and isinstance(m["content"], str)
     assert req.max_tokens is None or (is_int(req.max_tokens) and req.max_tokens >= 1)
     assert is_int(req.priority) and -(2**63) <= req.priority < 2**63
+    assert isinstance(req.params, SamplingParams)  # checked when parsed
+    assert req.params.max_tokens == (req.max_tokens or 1)
     try:
-        params = SamplingParams(max_tokens=req.max_tokens or 16, **req.sampling)
-        params.check_vocab(VOCAB)
+        req.params.check_vocab(VOCAB)
     except SamplingParamsError as e:
         OUTCOMES[("sampling_params", "SamplingParamsError")] += 1
         assert str(e)

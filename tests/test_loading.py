@@ -14,6 +14,8 @@ import torch
 from inflightd.models.config import ModelConfigError
 from inflightd.models.loader import ModelLoadError, load_model
 
+pytestmark = pytest.mark.slow  # loads the default model
+
 MEASURE = r"""
 import json, sys
 import psutil, torch
@@ -65,10 +67,10 @@ def test_bfloat16_weights_are_bfloat16(default_gguf: Path) -> None:
 def test_float32_linears_are_stored_column_major(default_gguf: Path) -> None:
     # NumPy's BLAS is faster on column-major weights at decode batch sizes; the values, shapes
     # and the embedding tie must be exactly those of the row-major load.
-    from inflightd.models.backend import CpuBackend
+    from inflightd.models.cpu_settings import CpuSettings
 
     model, _ = load_model(default_gguf, "float32")
-    rows, _ = load_model(default_gguf, "float32", cpu=CpuBackend(column_weights=False))
+    rows, _ = load_model(default_gguf, "float32", cpu=CpuSettings(column_weights=False))
     w, r = model.weights, rows.weights
     assert w.lm_head is w.embed and r.lm_head is r.embed
     linears = [(lw.qkv, rw.qkv) for lw, rw in zip(w.layers, r.layers)]

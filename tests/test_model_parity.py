@@ -16,6 +16,8 @@ from inflightd.models.llama import LlamaModel
 from inflightd.models.loader import _permute_qk, load_model
 from inflightd.models.reference_cache import ContiguousKVCache
 
+pytestmark = pytest.mark.slow  # loads the default model
+
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = [

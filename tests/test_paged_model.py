@@ -12,6 +12,8 @@ from inflightd import LLM, SamplingParams
 from inflightd.engine.scheduler_config import RequestTooLongError, SchedulerConfig
 from inflightd.runtime.paged_cache import PagedKVCache
 
+pytestmark = pytest.mark.slow  # loads the default model
+
 PROMPTS = [
     "The capital of France is",
     "def quicksort(xs):\n    ",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inflightd.models import llama
-from inflightd.models.backend import CpuBackend
+from inflightd.models.cpu_paths import CpuPaths
 from numba_kernels import cpu_qmatmul
 
 
@@ -100,13 +100,13 @@ def test_linear_uses_codes_for_a_few_tokens_only() -> None:
     wq = llama.QuantWeight(q, d, m, 4)
     dense = torch.from_numpy(_dense(q, d, m, 4).astype(np.float32))
     bias = torch.from_numpy(rng.standard_normal(64).astype(np.float32))
-    cpu = CpuBackend()
-    for n in (1, cpu.qgemm_max_tokens):
+    cpu = CpuPaths()
+    for n in (1, cpu.settings.qgemm_max_tokens):
         x = torch.from_numpy(rng.standard_normal((n, 128)).astype(np.float32))
         want = x.double() @ dense.double().T + bias.double()
         got = cpu.linear(x, dense, bias, wq)
         assert float((got.double() - want).norm() / want.norm()) <= 1e-5
         assert torch.allclose(cpu.linear(x, torch.zeros_like(dense), bias, wq), got)  # the codes
-    n = cpu.qgemm_max_tokens + 1
+    n = cpu.settings.qgemm_max_tokens + 1
     x = torch.from_numpy(rng.standard_normal((n, 128)).astype(np.float32))
     assert torch.equal(cpu.linear(x, torch.zeros_like(dense), None, wq), torch.zeros(n, 64))

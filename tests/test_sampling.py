@@ -11,14 +11,14 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
-from inflightd.engine.sampling import Sampler, SampleResult, make_generator, process_logits, sample
+from inflightd.engine.sampling import Sampler, SampleResult, make_generator, process_logits
 from inflightd.engine.sampling_params import SamplingParams, SamplingParamsError
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
     # These tensors are small: a second OpenMP thread only adds hand-offs, which stall for whole
-    # scheduler slices on a busy machine (see OMP_WAIT_POLICY in inflightd/__init__.py).
+    # scheduler slices on a busy machine (see inflightd/runtime/settings.py).
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -99,7 +99,7 @@ def test_greedy_is_argmax() -> None:
     want = logits.argmax(-1).tolist()
     assert [out.token_ids[i] for i in (0, 2, 4, 5)] == [want[i] for i in (0, 2, 4, 5)]
     assert out.logprobs is None and out.top_logprobs is None
-    assert sample(logits, [greedy] * 7, [None] * 7) == want
+    assert Sampler()(logits, [greedy] * 7, [None] * 7, empty, empty).token_ids == want
 
 
 LOGITS6 = [2.0, 1.5, 0.9, 0.3, -0.4, -1.5]  # distinct probabilities, no ties
@@ -260,11 +260,6 @@ def test_out_of_range_history_ids_are_refused() -> None:
     p = SamplingParams(repetition_penalty=1.2)
     with pytest.raises(ValueError, match="token ids"):
         Sampler()(torch.zeros(2, 10), [p, p], [None, None], [[1], [10]], [[], []])
-
-
-def test_history_free_sample_refuses_penalties() -> None:
-    with pytest.raises(SamplingParamsError, match="repetition_penalty"):
-        sample(torch.zeros(1, 10), [SamplingParams(presence_penalty=1.0)], [None])
 
 
 # ---------------------------------------------------------------- batch invariance

@@ -1,6 +1,6 @@
 """The daemon's protocols, against the real `inflightd serve` (default model, CPU) on a temp
 Unix socket: the official `openai` client, curl, the native msgpack stream, and the errors
-DESIGN.md lists."""
+the README lists."""
 
 from __future__ import annotations
 

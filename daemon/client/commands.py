@@ -1,5 +1,5 @@
 """The client subcommands of `inflightd`: `chat`, `complete`, `status` and `reload`, each talking
-to a running daemon over its Unix socket (`daemon/client.py`).
+to a running daemon over its Unix socket (`client.py`).
 
 `add_client_commands(sub)` registers them on the main parser's subparsers; each sets
 `func(args) -> int` (the exit code). A client error (no daemon, an HTTP error, a broken stream)

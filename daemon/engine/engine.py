@@ -318,7 +318,6 @@ class Engine:
         s = self.stats
         s.steps += 1
         s.tokens += out.num_batched_tokens
-        s.decode_tokens += len(sampled_chunks)
         s.model_s += t1 - t0
         s.step_s += t2 - t0
         s.recent.append((t2, len(out.chunks), out.num_batched_tokens, t1 - t0, t2 - t0))

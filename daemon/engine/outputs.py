@@ -56,16 +56,10 @@ class StepStats:
 
     steps: int = 0
     tokens: int = 0  # computed tokens (prefill + decode)
-    decode_tokens: int = 0
     model_s: float = 0.0  # inside runner.execute
     step_s: float = 0.0  # whole steps, scheduling and output processing included
     recent: deque[tuple[float, int, int, float, float]] = field(default_factory=lambda: deque(maxlen=256))
     # recent: (time, batch size, tokens, model seconds, step seconds) per step
-
-    @property
-    def outside_share(self) -> float:
-        """Share of step time spent outside the model (scheduling, sampling, outputs)."""
-        return 0.0 if self.step_s == 0 else 1.0 - self.model_s / self.step_s
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling_params import SamplingParams, SamplingParamsError
+from .sampling_params import SamplingParams
 
 # Width of the top-k slice that serves rows whose kept set is small (top-k ≤ window, or a nucleus
 # that fits in it). A full sort of a 49152 vocabulary is ~30x slower than this topk on the CPU.
@@ -189,26 +189,6 @@ def process_logits(
         pr = _per_row(freq, [params[i].presence_penalty for i in freq], n)[rows]
         flat.index_add_(0, seen.to(device), (-(f * counts + pr)).to(device))
     return x
-
-
-def sample(
-    logits: torch.Tensor,  # [N, vocab] float32
-    params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
-) -> list[int]:
-    """The history-free form of `Sampler` (no logprobs). Requests with a repetition, presence or
-    frequency penalty need the token ids: they are refused here rather than silently unpenalised."""
-    for p in params:
-        if p.penalised:
-            raise SamplingParamsError(
-                "repetition_penalty/presence_penalty/frequency_penalty: need the prompt and output "
-                "token ids; sample with Sampler"
-            )
-    empty: list[list[int]] = [[] for _ in params]
-    return _DEFAULT_SAMPLER(logits, params, generators, empty, empty).token_ids
-
-
-_DEFAULT_SAMPLER = Sampler()
 
 
 def _filtered(p: SamplingParams, vocab: int) -> bool:

@@ -80,13 +80,7 @@ class SchedulerOutput:
 class SchedulerStats:
     """Counters since start, for /metrics and /v1/status."""
 
-    num_steps: int = 0  # schedule() calls that returned chunks
-    num_admitted: int = 0  # first admissions
     num_preemptions: int = 0
-    num_finished: int = 0  # finish() calls, any reason
-    num_aborted: int = 0  # abort() calls that found the sequence
-    num_rejected_queue_full: int = 0
-    num_rejected_too_long: int = 0
     num_expired: int = 0  # taken out of the queue after queue_timeout_s
 
 
@@ -199,7 +193,6 @@ class Scheduler:
         if m < 1:
             raise ValueError(f"sequence {sid}: max_tokens must be ≥ 1, got {m}")
         if n + m > limits.max_model_len:
-            self._stats.num_rejected_too_long += 1
             raise RequestTooLongError(
                 f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} tokens exceeds the "
                 f"context limit max_model_len ({limits.max_model_len})",
@@ -208,14 +201,12 @@ class Scheduler:
         bm = self.block_manager
         capacity = bm.num_blocks * bm.block_size
         if self._blocks_for(n + m - 1) > bm.num_blocks:  # the last sampled token is never cached
-            self._stats.num_rejected_too_long += 1
             raise RequestTooLongError(
                 f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} tokens exceeds the KV cache "
                 f"capacity ({capacity} tokens: {bm.num_blocks} blocks of {bm.block_size})",
                 prompt_tokens=n, max_tokens=m, limit=capacity,
             )
         if len(self._waiting) >= cfg.max_waiting:
-            self._stats.num_rejected_queue_full += 1
             raise QueueFullError(len(self._waiting), cfg.max_waiting)
         self._seqs[sid] = seq
         self._arrival[sid] = self._next_arrival
@@ -235,7 +226,6 @@ class Scheduler:
             return None
         self._remove(seq, FinishReason.ABORT)
         self._aborted.append(seq)
-        self._stats.num_aborted += 1
         return seq
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -247,7 +237,6 @@ class Scheduler:
         if self._seqs.get(seq.seq_id) is not seq:
             raise ValueError(f"sequence {seq.seq_id} is not held by this scheduler")
         self._remove(seq, reason)
-        self._stats.num_finished += 1
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -288,7 +277,6 @@ class Scheduler:
         )
         if chunks:
             self._in_flight = out
-            self._stats.num_steps += 1
         return out
 
     def on_step_done(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
@@ -454,7 +442,6 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = self.clock()
                 seq.num_cached_tokens = cached
-                self._stats.num_admitted += 1
             seq.num_computed_tokens = cached
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self._running, seq, key=self._key)

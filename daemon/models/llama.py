@@ -4,7 +4,7 @@ The forward takes a *flat* batch: the new tokens of every scheduled sequence con
 with its explicit position. Attention is the only place where sequence boundaries matter, so it is
 handed in as a callable bound to the step's metadata (`Attend`): the paged cache and Numba
 kernels (`inflightd.runtime.paged_cache`), or the contiguous reference (`reference_cache`). No
-global attention context. Which path serves each product on a CPU is `CpuBackend`'s choice.
+global attention context. Which path serves each product on a CPU is `CpuSettings`'s choice (`cpu_paths`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from numba_kernels import cpu_decode, cpu_ops
 
-from .backend import CpuBackend, num_threads
 from .config import ModelConfig
+from .cpu_paths import CpuPaths, num_threads
+from .cpu_settings import CpuSettings
 
 
 class Attend(Protocol):
@@ -135,10 +136,11 @@ class LlamaModel:
     """Weights plus the forward pass. Stateless between calls: all cache state lives behind
     the `Attend` callable."""
 
-    def __init__(self, config: ModelConfig, weights: LlamaWeights, cpu: CpuBackend | None = None) -> None:
+    def __init__(self, config: ModelConfig, weights: LlamaWeights, cpu: CpuSettings | None = None) -> None:
         self.config = config
         self.weights = weights
-        self.cpu = cpu or CpuBackend()  # which path serves each op on a CPU (models.backend)
+        self.cpu = cpu or CpuSettings()  # which path serves each op on a CPU
+        self.ops = CpuPaths(self.cpu)
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
         self.inv_freq = rope_inv_freq(config, weights.rope_freq_factors).to(self.device)
@@ -198,7 +200,7 @@ class LlamaModel:
                              cfg.num_kv_heads, kc, vc, slot_mapping, block_tables, context_lens,
                              query_start_loc, block_size, cfg.attn_scale, num_threads(),
                              self.cpu.decode_serial_work)
-        return self.cpu.rms_norm(torch.from_numpy(h), w.norm, cfg.rms_norm_eps)
+        return self.ops.rms_norm(torch.from_numpy(h), w.norm, cfg.rms_norm_eps)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] int64 → cos, sin: [T, 1, rope_dim] in the model dtype.
@@ -215,7 +217,7 @@ class LlamaModel:
         h = F.embedding(input_ids, w.embed)
         # Few float32 tokens on the CPU: RoPE in place on q and k of the fused projection, one
         # call per layer (bit-identical to apply_rope).
-        ops = self.cpu
+        ops = self.ops
         fused = ops.fused(h)
         if fused:
             cos_np, sin_np = cos.reshape(T, -1).numpy(), sin.reshape(T, -1).numpy()
@@ -243,4 +245,4 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] → [N, vocab] float32. Callers pass only the rows they sample from:
         # the vocab projection is the largest matmul of a step.
-        return self.cpu.linear(hidden, self.weights.lm_head, wq=self.weights.lm_head_q).float()
+        return self.ops.linear(hidden, self.weights.lm_head, wq=self.weights.lm_head_q).float()

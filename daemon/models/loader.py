@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from .backend import CpuBackend
 from .config import ModelConfig, ModelConfigError
+from .cpu_paths import CpuPaths
+from .cpu_settings import CpuSettings
 from .gguf_file import GGUFFile
 from .llama import LayerWeights, LlamaModel, LlamaWeights, QuantWeight
 
@@ -59,7 +60,7 @@ def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _assemble(
-    config: ModelConfig, get: GetTensor, dtype: torch.dtype, device: torch.device, cpu: CpuBackend
+    config: ModelConfig, get: GetTensor, dtype: torch.dtype, device: torch.device, cpu: CpuSettings
 ) -> LlamaWeights:
     def need(name: str) -> torch.Tensor:
         t = get(name, dtype)
@@ -107,7 +108,7 @@ def _assemble(
         lm_head=lm_head,
         rope_freq_factors=None if factors is None else factors.to(device),
     )
-    cpu.column_major_weights(weights)
+    CpuPaths(cpu).column_major_weights(weights)
     return weights
 
 
@@ -122,9 +123,9 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
 
 def load_gguf(
     path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, gguf: GGUFFile | None = None,
-    cpu: CpuBackend | None = None,
+    cpu: CpuSettings | None = None,
 ) -> tuple[ModelConfig, LlamaWeights]:
-    cpu = cpu or CpuBackend()
+    cpu = cpu or CpuSettings()
     from .dequant import dequantize
 
     if gguf is None:
@@ -156,7 +157,7 @@ def load_gguf(
 
 def _attach_block_codes(config: ModelConfig, weights: LlamaWeights, tensors: dict[str, Any], permute: bool) -> None:
     """Keep each linear's GGUF block codes beside its float32 copy where the checkpoint is in a
-    32-element block type (CpuBackend.linear uses them for products of a few tokens). All or nothing per
+    32-element block type (CpuPaths.linear uses them for products of a few tokens). All or nothing per
     fused weight: q, k and v (or gate and up) must all have codes."""
     from .dequant import BlockCodes, block_codes
 
@@ -256,7 +257,7 @@ class SafetensorsFile:
 
 
 def load_hf_dir(
-    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, cpu: CpuBackend | None = None
+    path: str | os.PathLike[str], dtype: torch.dtype, device: torch.device, cpu: CpuSettings | None = None
 ) -> tuple[ModelConfig, LlamaWeights]:
     root = Path(path)
     try:
@@ -278,7 +279,7 @@ def load_hf_dir(
         hit = index.get(name)
         return None if hit is None else hit[0].tensor(hit[1], want)
 
-    return config, _assemble(config, get, dtype, device, cpu or CpuBackend())
+    return config, _assemble(config, get, dtype, device, cpu or CpuSettings())
 
 
 def load_model(
@@ -287,12 +288,12 @@ def load_model(
     device: str = "cpu",
     *,
     gguf: GGUFFile | None = None,
-    cpu: CpuBackend | None = None,
+    cpu: CpuSettings | None = None,
 ) -> tuple[LlamaModel, LoadStats]:
     """A .gguf file (optionally already opened with `open_gguf`) or a Hugging Face folder →
     a ready model, with how long it took. `cpu`: how it runs on a CPU (default settings when
     None)."""
-    cpu = cpu or CpuBackend()
+    cpu = cpu or CpuSettings()
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ModelConfigError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")

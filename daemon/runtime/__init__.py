@@ -1,4 +1,4 @@
 """Running the model over the paged KV cache: a step's tensors and forward (`model_runner`),
-the cache tensors and their sizing (`paged_cache`), the CPU backend settings read from config
+the cache tensors and their sizing (`paged_cache`), the CPU settings read from config
 and environment (`settings`), and the OpenMP spin policy (`omp_spin`). Implements the engine's
 `Runner` protocol."""

@@ -4,7 +4,7 @@ libgomp reads ``GOMP_SPINCOUNT`` once (inflightd sets 10000, ~0.1-0.2 ms, see __
 long a worker spins after a parallel region before it sleeps. The two kinds of step want
 opposite things:
 
-- A step of up to ``CpuBackend.qgemm_max_tokens`` tokens (decode of a few sequences) runs ~120
+- A step of up to ``CpuSettings.qgemm_max_tokens`` tokens (decode of a few sequences) runs ~120
   short Numba regions (one quantized product per linear, ``numba_kernels.cpu_qmatmul``) tens
   of µs apart: sleeping workers cost a ~60-110 µs
   wake-up each on this VM (``python benchmarks/qgemv.py``: 17.4 ms of products per token

@@ -1,7 +1,7 @@
 """The paged KV cache's tensors and the attention that reads them.
 
 Per layer, `k_cache` and `v_cache` of shape [num_blocks, block_size, num_kv_heads, head_dim];
-which blocks a sequence owns is the block manager's business (daemon/kv_cache.py, pure Python).
+which blocks a sequence owns is the block manager's business (inflightd.engine.block_manager, pure Python).
 A step's attention metadata is an explicit, frozen `PagedStep` handed to `attend`; nothing is
 global. New K/V are written through `numba_kernels.write_kv_cache` first, so attention always
 reads the whole context, prefix-cache hits and earlier chunks included, from the cache.
@@ -45,7 +45,7 @@ class PagedKVCache:
         serial_work: int | None = None,
     ) -> None:
         """`serial_work`: CPU attention over more context positions splits over the thread pool
-        (`CpuBackend.serial_work`; the kernels' default when None)."""
+        (`CpuSettings.serial_work`; the kernels' default when None)."""
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.config = config

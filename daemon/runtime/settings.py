@@ -1,4 +1,4 @@
-"""The CPU backend's settings (`inflightd.models.backend.CpuBackend`) from the config file's
+"""The CPU backend's settings (`inflightd.models.cpu_settings.CpuSettings`) from the config file's
 `runtime` section and the environment, and the OpenMP environment they imply. The one module
 that reads the `INFLIGHTD_CPU_*` variables and sets `OMP_WAIT_POLICY` / `GOMP_SPINCOUNT`.
 
@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import fields, replace
 from typing import Any
 
-from ..models.backend import CpuBackend
+from ..models.cpu_settings import CpuSettings
 
-# variable → (CpuBackend field, parser)
+# variable → (CpuSettings field, parser)
 _ENV = {
     "INFLIGHTD_CPU_MATMUL": "matmul",
     "INFLIGHTD_CPU_COLUMN_WEIGHTS": "column_weights",
@@ -35,7 +35,7 @@ _USER_ENV = {name: os.environ[name] for name in _ENV if name in os.environ}
 
 
 def _parse(field: str, text: str, name: str) -> Any:
-    kind = {f.name: f.type for f in fields(CpuBackend)}[field]
+    kind = {f.name: f.type for f in fields(CpuSettings)}[field]
     value = text.strip()
     if kind == "bool":
         if value not in ("0", "1"):
@@ -48,10 +48,10 @@ def _parse(field: str, text: str, name: str) -> Any:
     return value.lower()
 
 
-def cpu_backend(base: CpuBackend | None = None, environ: Mapping[str, str] | None = None) -> CpuBackend:
+def cpu_settings(base: CpuSettings | None = None, environ: Mapping[str, str] | None = None) -> CpuSettings:
     """`base` (the config file's `runtime` section, or the defaults) with the user's environment
     overrides applied. Raises ValueError naming the variable for a value it cannot use."""
-    base = base or CpuBackend()
+    base = base or CpuSettings()
     env = _USER_ENV if environ is None else environ
     changes = {field: _parse(field, env[name], name) for name, field in _ENV.items() if name in env}
     try:
@@ -60,10 +60,10 @@ def cpu_backend(base: CpuBackend | None = None, environ: Mapping[str, str] | Non
         raise ValueError(f"environment: {e}") from None
 
 
-def apply_omp_environment(backend: CpuBackend) -> None:
+def apply_omp_environment(settings: CpuSettings) -> None:
     """Set OpenMP's wait policy and spin count for this process, unless the user set them.
     Effective only before torch is imported (libgomp reads them once)."""
-    for name, value in (("OMP_WAIT_POLICY", backend.omp_wait_policy.upper()),
-                        ("GOMP_SPINCOUNT", str(backend.gomp_spincount))):
+    for name, value in (("OMP_WAIT_POLICY", settings.omp_wait_policy.upper()),
+                        ("GOMP_SPINCOUNT", str(settings.gomp_spincount))):
         if name not in _USER_ENV:
             os.environ[name] = value

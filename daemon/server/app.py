@@ -1,6 +1,6 @@
 """The aiohttp application: routes, peer checks, bounded bodies, and errors mapped to HTTP in
 one place (`_errors`). The native msgpack stream lives here; the OpenAI routes in
-`openai_api.py`; sockets, signals, systemd and drain in `serve.py`.
+`openai_routes.py`; sockets, signals, systemd and drain in `daemon.py`.
 
 Errors: a `ProtocolError` (from parsing, intake or the engine's refusals) becomes its status
 with a body `{"error": {"type", "message"}}`, msgpack on the native route and JSON elsewhere.
@@ -20,7 +20,7 @@ import msgpack
 from aiohttp import web
 
 from ..engine.sequence import FinishReason
-from . import openai_routes as openai_api
+from . import openai_routes
 from .http_io import ALLOW, RELOAD, SERVICE, finish, output_error, prepare, read_body, read_json, send
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .protocol import (
@@ -250,5 +250,5 @@ def build_app(service: Service, allow: AllowList, reload_fn: Callable[[], Reload
     app.router.add_post("/v1/reload", reload)
     app.router.add_post("/v1/tokenize", tokenize)
     app.router.add_post("/v1/detokenize", detokenize)
-    openai_api.add_routes(app)
+    openai_routes.add_routes(app)
     return app

@@ -26,7 +26,7 @@ import yaml
 
 from ..checks import is_finite_number
 from ..engine.scheduler_config import SchedulerConfig
-from ..models.backend import CpuBackend
+from ..models.cpu_settings import CpuSettings
 
 LIVE_SECTIONS = ("scheduler", "limits", "slo", "cost", "log")
 # Keys of live sections that only a restart changes: aiohttp fixes them per listener at start.
@@ -103,7 +103,7 @@ class Config:
     slo: SloSection = field(default_factory=SloSection)
     cost: CostSection = field(default_factory=CostSection)
     log: LogSection = field(default_factory=LogSection)
-    runtime: CpuBackend = field(default_factory=CpuBackend)
+    runtime: CpuSettings = field(default_factory=CpuSettings)
     source: str | None = field(default=None, compare=False)  # the file it came from
 
     def diff(self, other: Config) -> tuple[list[str], list[str]]:

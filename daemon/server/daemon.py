@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ..runtime.settings import apply_omp_environment, cpu_backend
+from ..runtime.settings import apply_omp_environment, cpu_settings
 from . import systemd
 from .app import build_app, limit_connections
 from .config import Config, ConfigError, default_socket_path, load_config, parse_tcp
@@ -221,7 +221,7 @@ def main(config_path: str | None, socket_path: str | None, model: str | None, de
     try:
         config = load_config(config_path)
         # before anything loads torch: libgomp reads these once
-        apply_omp_environment(cpu_backend(config.runtime))
+        apply_omp_environment(cpu_settings(config.runtime))
     except (ConfigError, ValueError) as e:
         print(f"inflightd serve: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from ..engine.outputs import EngineOutput, EngineSnapshot
 from ..engine.sampling_params import SamplingParamsError
 from ..engine.scheduler_config import QueueFullError, RequestLimits, RequestTooLongError
 from ..engine.sequence import FinishReason
-from ..runtime.settings import cpu_backend
+from ..runtime.settings import cpu_settings
 from .config import Config, ConfigError, load_config, parse_memory
 from .metrics import Metrics
 from .protocol import ProtocolError
@@ -107,7 +107,7 @@ class Service:
             scheduler=c.scheduler,
             max_model_len=c.limits.max_model_len,
             queue_timeout_s=c.limits.queue_timeout_s,
-            cpu=cpu_backend(c.runtime),
+            cpu=cpu_settings(c.runtime),
         )
         self.model_name = self.llm.model_path.stem if self.llm.model_path.is_file() else self.llm.model_path.name
         log.info("model %s ready in %.1f s", self.model_name, time.monotonic() - t0)

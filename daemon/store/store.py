@@ -1,5 +1,5 @@
 """The model store: where model files live, how a model spec resolves to a path, and the catalogue of
-models that `pull` (daemon/pull.py) can fetch.
+models that `pull` (store/pull.py) can fetch.
 
 Pure Python: no torch, and nothing runs at import.
 """

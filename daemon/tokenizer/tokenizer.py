@@ -3,7 +3,7 @@
 This module owns text <-> token-id conversion for the daemon:
 
 * loading a vocabulary from GGUF metadata or from a Hugging Face folder
-  (`tokenizer_loader`);
+  (`loader`);
 * encoding: added/special tokens are cut out of the raw text first (leftmost, longest
   first), the rest is pre-tokenized with the regexes llama.cpp picks for
   `tokenizer.ggml.pre` (`pretokenizer`, on `unicode_regex`), and every piece goes through
