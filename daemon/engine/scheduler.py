@@ -1,6 +1,6 @@
 """In-flight batching: which sequences run each step, and which of their tokens.
 
-Pure Python (no torch): it drives `kv_cache.BlockManager` and hands the model runner one
+Pure Python (no torch): it drives `block_manager.BlockManager` and hands the model runner one
 `SeqChunk` per scheduled sequence. One step shares a token budget (`max_num_batched_tokens`)
 between the running sequences' decode tokens first, then prefill chunks in policy order
 (chunked prefill: a long prompt is split over steps while the others keep decoding).
@@ -81,6 +81,8 @@ class SchedulerStats:
     """Counters since start, for /metrics and /v1/status."""
 
     num_preemptions: int = 0
+    num_rejected_queue_full: int = 0
+    num_rejected_too_long: int = 0
     num_expired: int = 0  # taken out of the queue after queue_timeout_s
 
 
@@ -193,6 +195,7 @@ class Scheduler:
         if m < 1:
             raise ValueError(f"sequence {sid}: max_tokens must be ≥ 1, got {m}")
         if n + m > limits.max_model_len:
+            self._stats.num_rejected_too_long += 1
             raise RequestTooLongError(
                 f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} tokens exceeds the "
                 f"context limit max_model_len ({limits.max_model_len})",
@@ -201,12 +204,14 @@ class Scheduler:
         bm = self.block_manager
         capacity = bm.num_blocks * bm.block_size
         if self._blocks_for(n + m - 1) > bm.num_blocks:  # the last sampled token is never cached
+            self._stats.num_rejected_too_long += 1
             raise RequestTooLongError(
                 f"prompt ({n} tokens) + max_tokens ({m}) = {n + m} tokens exceeds the KV cache "
                 f"capacity ({capacity} tokens: {bm.num_blocks} blocks of {bm.block_size})",
                 prompt_tokens=n, max_tokens=m, limit=capacity,
             )
         if len(self._waiting) >= cfg.max_waiting:
+            self._stats.num_rejected_queue_full += 1
             raise QueueFullError(len(self._waiting), cfg.max_waiting)
         self._seqs[sid] = seq
         self._arrival[sid] = self._next_arrival
